@@ -6,6 +6,7 @@ What enters the model's context is decided by memory strategies, never here.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Protocol
 
 from memory.types import Message, Session
@@ -25,6 +26,36 @@ class SessionNotFound(StoreError):
         self.session_id = session_id
 
 
+class SessionExists(StoreError):
+    """create_session was given an id that is already taken."""
+
+    def __init__(self, session_id: str):
+        super().__init__(f"session {session_id!r} already exists; pick another id or omit it")
+        self.session_id = session_id
+
+
+ROLES = ("user", "assistant", "system")
+
+
+def check_message(role: str, content: str) -> None:
+    """Reject what no store should keep, naming the field and the fix."""
+    if role not in ROLES:
+        raise ValueError(f"message role {role!r} is not supported: use one of {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise ValueError(f"message content must be a string, got {type(content).__name__}")
+
+
+def to_json(field: str, value: Any) -> str:
+    """JSON text for a stored dict; the error names the field that is not serialisable."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{field} must be a JSON object (dict), got {type(value).__name__}")
+    try:
+        # ensure_ascii=False keeps Korean and emoji readable in the database.
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{field} is not JSON-serialisable ({e}); store plain str/int/float/bool/list/dict") from e
+
+
 class Store(Protocol):
     def create_session(
         self,
@@ -33,7 +64,7 @@ class Store(Protocol):
         memory: dict[str, Any],
         metadata: dict[str, Any] | None = None,
         session_id: str | None = None,
-    ) -> Session: ...
+    ) -> Session: ...  # SessionExists when session_id is taken
 
     def get_session(self, session_id: str, owner: str | None = None) -> Session | None: ...
 
@@ -51,14 +82,21 @@ class Store(Protocol):
     def delete_session(self, session_id: str) -> bool: ...
 
     def append_message(
-        self, session_id: str, role: str, content: str, metadata: dict[str, Any] | None = None
+        self,
+        session_id: str,
+        role: str,
+        content: str,
+        metadata: dict[str, Any] | None = None,
+        message_id: str | None = None,
     ) -> Message: ...
+    # message_id given and already in this session: the stored message is returned, nothing is
+    # appended (so a client may retry an append whose answer it never saw).
 
-    def list_messages(self, session_id: str) -> list[Message]: ...
+    def list_messages(self, session_id: str) -> list[Message]: ...  # oldest first; SessionNotFound
 
     def get_state(self, session_id: str, key: str) -> dict[str, Any] | None: ...
 
-    def put_state(self, session_id: str, key: str, value: dict[str, Any]) -> None: ...
+    def put_state(self, session_id: str, key: str, value: dict[str, Any]) -> None: ...  # SessionNotFound
 
     def ping(self) -> None: ...
 

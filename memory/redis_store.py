@@ -1,0 +1,344 @@
+"""Transcript store on Redis (scale-out: several API processes share one server).
+
+Plain Redis commands and Lua only (no RediSearch / RedisJSON): any stock `redis-server` >= 6 works.
+Key layout: memory/redis_keys.py.
+
+Durability guarantees
+---------------------
+* Each write is one atomic step on the server (a Lua script): `append_message` checks that the
+  session exists, assigns the message's sequence number with INCR and RPUSHes the message, all
+  or nothing. A client killed mid-call leaves either the whole message or none of it.
+* The transcript is totally ordered by that sequence number (= list position), each message
+  exactly once, across any number of threads, processes and hosts.
+* Appends are idempotent by message id (`{prefix}:session:{id}:ids`), which is what makes the
+  client's single automatic retry after a dropped connection safe: a retried append whose first
+  attempt did land returns the stored message instead of writing it twice.
+* What survives a *server* crash is Redis's persistence setting, not ours: run Redis with AOF
+  (`appendonly yes`). With `appendfsync always` an acknowledged append survives power loss;
+  with the default `appendfsync everysec` up to ~1 s of acknowledged writes can be lost on an
+  OS crash or power loss (a killed redis-server process alone loses nothing that reached the
+  kernel). Without AOF or RDB, nothing survives a restart. `docker-compose.yml` runs AOF on.
+* Deleting a session removes every key of the session and its index entry in one atomic step.
+* Unreachable server: calls fail fast with `StoreUnavailable` (connect timeout 1 s, socket
+  timeout 2 s; tune them with the constructor or in the URL:
+  `redis://host:6379/0?socket_timeout=5&socket_connect_timeout=2`). Once Redis is back, the same
+  store object works again: redis-py drops broken connections from its pool and opens fresh ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from memory.redis_keys import RedisKeys
+from memory.store import SessionExists, SessionNotFound, StoreError, StoreUnavailable, check_message, to_json
+from memory.types import Message, Session, new_id, now_iso
+
+# Server replies that mean "Redis is there but cannot serve us right now" (-> HTTP 503).
+_UNAVAILABLE_REPLIES = ("MISCONF", "READONLY", "OOM", "LOADING", "MASTERDOWN", "NOAUTH", "BUSY")
+
+# KEYS: session, owner index. ARGV: session JSON, score, session id.
+_CREATE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end  -- our own retried create
+return 0
+"""
+
+# KEYS: session, seq, messages, ids. ARGV: message id, message JSON without its opening '{'.
+# Returns {1, seq} when appended, {0, stored JSON} for a repeated id, {-1} for no session.
+_APPEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local seen = redis.call('HGET', KEYS[4], ARGV[1])
+if seen then return {0, redis.call('LINDEX', KEYS[3], tonumber(seen) - 1)} end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('RPUSH', KEYS[3], '{"seq":' .. seq .. ',' .. ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[1], seq)
+return {1, seq}
+"""
+
+# KEYS: session, state. ARGV: state key, JSON value.
+_PUT_STATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# Compare-and-set of the session record. KEYS: session. ARGV: expected JSON, new JSON.
+_UPDATE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: session keys..., owner index (last). ARGV: expected session JSON, session id.
+_DELETE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 1, #KEYS - 1 do redis.call('DEL', KEYS[i]) end
+redis.call('ZREM', KEYS[#KEYS], ARGV[2])
+return 1
+"""
+
+_CAS_ATTEMPTS = 20  # concurrent updates of one session are rare; this only bounds a pathological loop
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _score(created_at: str) -> float:
+    return datetime.fromisoformat(created_at).timestamp()
+
+
+class RedisStore:
+    """`Store` on a Redis server. Thread-safe (redis-py's connection pool)."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "memento",
+        socket_timeout: float = 2.0,
+        socket_connect_timeout: float = 1.0,
+    ):
+        self.url = url
+        self.keys = RedisKeys(prefix)
+        try:
+            self._r = redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_connect_timeout,
+                # One immediate retry on a fresh connection: a pooled connection may be stale after a
+                # Redis restart. Safe for writes because every script is idempotent (see module doc).
+                retry=Retry(NoBackoff(), 1),
+                health_check_interval=0,
+            )
+        except ValueError as e:
+            raise ValueError(f"MEMENTO_STORE_URL={_redact(url)!r} is not a valid Redis URL: {e}") from e
+        self._create = self._r.register_script(_CREATE)
+        self._append = self._r.register_script(_APPEND)
+        self._put_state = self._r.register_script(_PUT_STATE)
+        self._update = self._r.register_script(_UPDATE)
+        self._delete = self._r.register_script(_DELETE)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnavailable(
+                f"Redis at {_redact(self.url)} is unreachable during {action} ({e}); "
+                "check that redis-server runs and MEMENTO_STORE_URL points at it"
+            ) from e
+        except redis.ResponseError as e:
+            if str(e).startswith(_UNAVAILABLE_REPLIES):
+                raise StoreUnavailable(f"Redis at {_redact(self.url)} refused {action}: {e}") from e
+            raise StoreError(f"Redis at {_redact(self.url)}: {action} failed: {e}") from e
+        except redis.RedisError as e:
+            raise StoreError(f"Redis at {_redact(self.url)}: {action} failed: {e}") from e
+
+    @staticmethod
+    def _session(text: str) -> Session:
+        return Session(**json.loads(text))
+
+    @staticmethod
+    def _message(text: str) -> Message:
+        record = json.loads(text)
+        record.pop("seq", None)
+        return Message(**record)
+
+    @staticmethod
+    def _session_json(s: Session) -> str:
+        record = {
+            "id": s.id,
+            "owner": s.owner,
+            "persona": s.persona,
+            "memory": json.loads(to_json("session memory", s.memory)),
+            "metadata": json.loads(to_json("session metadata", s.metadata)),
+            "created_at": s.created_at,
+        }
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        owner: str,
+        persona: str,
+        memory: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> Session:
+        session = Session(
+            id=session_id or new_id("sess"),
+            owner=owner,
+            persona=persona,
+            memory=memory,
+            metadata=metadata or {},
+        )
+        text = self._session_json(session)
+        k = self.keys
+        with self._errors("create_session"):
+            created = self._create(
+                keys=[k.session(session.id), k.owner_sessions(owner)],
+                args=[text, repr(_score(session.created_at)), session.id],
+            )
+        if not created:
+            raise SessionExists(session.id)
+        return session
+
+    def get_session(self, session_id: str, owner: str | None = None) -> Session | None:
+        with self._errors("get_session"):
+            text = self._r.get(self.keys.session(session_id))
+        if text is None:
+            return None
+        session = self._session(text)
+        return None if owner is not None and session.owner != owner else session
+
+    def list_sessions(self, owner: str) -> list[Session]:
+        """The owner's sessions, oldest first."""
+        with self._errors("list_sessions"):
+            ids = self._r.zrange(self.keys.owner_sessions(owner), 0, -1)
+            texts = self._r.mget([self.keys.session(i) for i in ids]) if ids else []
+        # A session deleted between the two reads is simply not listed.
+        sessions = [self._session(t) for t in texts if t is not None]
+        return [s for s in sessions if s.owner == owner]
+
+    def update_session(
+        self,
+        session_id: str,
+        *,
+        persona: str | None = None,
+        memory: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Session:
+        key = self.keys.session(session_id)
+        for _ in range(_CAS_ATTEMPTS):
+            with self._errors("update_session"):
+                old = self._r.get(key)
+            if old is None:
+                raise SessionNotFound(session_id)
+            session = self._session(old)
+            if persona is not None:
+                session.persona = persona
+            if memory is not None:
+                session.memory = memory
+            if metadata is not None:
+                session.metadata = metadata
+            with self._errors("update_session"):
+                if self._update(keys=[key], args=[old, self._session_json(session)]):
+                    return session
+        raise StoreError(f"session {session_id!r} changed {_CAS_ATTEMPTS} times while updating it; retry")
+
+    def delete_session(self, session_id: str) -> bool:
+        k = self.keys
+        for _ in range(_CAS_ATTEMPTS):
+            with self._errors("delete_session"):
+                old = self._r.get(k.session(session_id))
+                if old is None:
+                    return False
+                owner = json.loads(old)["owner"]
+                keys = [*k.session_keys(session_id), k.owner_sessions(owner)]
+                if self._delete(keys=keys, args=[old, session_id]):
+                    return True
+        raise StoreError(f"session {session_id!r} changed {_CAS_ATTEMPTS} times while deleting it; retry")
+
+    # -- transcript -----------------------------------------------------------------------
+
+    def append_message(
+        self,
+        session_id: str,
+        role: str,
+        content: str,
+        metadata: dict[str, Any] | None = None,
+        message_id: str | None = None,
+    ) -> Message:
+        """Append atomically; acknowledged = on the server (see module doc for fsync). Raises SessionNotFound."""
+        check_message(role, content)
+        msg = Message(
+            id=message_id or new_id("msg"),
+            session_id=session_id,
+            role=role,
+            content=content,
+            created_at=now_iso(),
+            metadata=metadata or {},
+        )
+        body = json.dumps(
+            {
+                "id": msg.id,
+                "session_id": session_id,
+                "role": role,
+                "content": content,
+                "created_at": msg.created_at,
+                "metadata": json.loads(to_json("message metadata", msg.metadata)),
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        k = self.keys
+        keys = [k.session(session_id), k.seq(session_id), k.messages(session_id), k.message_ids(session_id)]
+        with self._errors("append_message"):
+            reply = self._append(keys=keys, args=[msg.id, body[1:]])  # body[1:]: the script prepends seq
+        if reply[0] == -1:
+            raise SessionNotFound(session_id)
+        if reply[0] == 0:
+            return self._message(reply[1])  # this id was appended before (a retry)
+        return msg
+
+    def list_messages(self, session_id: str) -> list[Message]:
+        """The whole transcript, oldest first. Raises SessionNotFound."""
+        k = self.keys
+        with self._errors("list_messages"):
+            pipe = self._r.pipeline(transaction=True)  # MULTI/EXEC: existence and list agree
+            pipe.exists(k.session(session_id))
+            pipe.lrange(k.messages(session_id), 0, -1)
+            exists, texts = pipe.execute()
+        if not exists:
+            raise SessionNotFound(session_id)
+        return [self._message(t) for t in texts]
+
+    # -- strategy state -------------------------------------------------------------------
+
+    def get_state(self, session_id: str, key: str) -> dict[str, Any] | None:
+        with self._errors("get_state"):
+            text = self._r.hget(self.keys.state(session_id), key)
+        return None if text is None else json.loads(text)
+
+    def put_state(self, session_id: str, key: str, value: dict[str, Any]) -> None:
+        """Replace the state under `key`. Raises SessionNotFound."""
+        text = to_json(f"state {key!r}", value)
+        k = self.keys
+        with self._errors("put_state"):
+            stored = self._put_state(keys=[k.session(session_id), k.state(session_id)], args=[key, text])
+        if not stored:
+            raise SessionNotFound(session_id)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        with self._errors("ping"):
+            self._r.ping()
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({_redact(self.url)!r}, prefix={self.keys.prefix!r})"

@@ -1,0 +1,385 @@
+"""Embedded transcript store on SQLite (the default: no server needed).
+
+Durability guarantees
+---------------------
+* Every write is one SQLite transaction that is committed before the method returns:
+  when `append_message` returns, the message is in the database file.
+* The database runs in WAL mode with `synchronous=FULL`: each commit fsyncs the write-ahead
+  log, so an acknowledged append survives a process crash (SIGKILL) *and* an OS crash or power
+  loss. (`synchronous=NORMAL` would be faster but may lose the last commits on power loss;
+  a chat transcript is the source of truth, so we pay one fsync per message.)
+* Messages are totally ordered by an AUTOINCREMENT `seq` assigned inside the committing
+  transaction, so concurrent writers (threads or processes) never interleave half-written
+  messages and `list_messages` returns them in commit order, each exactly once.
+* Deleting a session removes its messages and strategy state in the same transaction.
+* Several processes may share one file (WAL lets readers run beside the single writer);
+  a writer waits up to `busy_timeout_s` for the write lock, then `StoreUnavailable` is raised.
+* The schema version lives in `PRAGMA user_version`; opening a file written by a newer
+  Memento fails with a clear `StoreError` instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from memory.store import SessionExists, SessionNotFound, StoreError, StoreUnavailable, check_message, to_json
+from memory.types import Message, Session, new_id, now_iso
+
+SCHEMA_VERSION = 1
+
+# One entry per version: the statements that bring a database from version i to i + 1.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            persona TEXT NOT NULL,
+            memory TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX sessions_by_owner ON sessions (owner, created_at)",
+        """CREATE TABLE messages (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX messages_by_session ON messages (session_id, seq)",
+        """CREATE TABLE state (
+            session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (session_id, key)
+        )""",
+    ],
+]
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the original error is the one worth reporting
+
+
+class SQLiteStore:
+    """`Store` on one SQLite file. Thread-safe: one connection guarded by a lock."""
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 5.0):
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot create the directory for SQLite store {self.path}: {e}") from e
+        with self._errors("open"):
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes the write
+            # lock up front instead of failing on a read->write upgrade under contention.
+            conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                self._migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Translate sqlite3 errors into store errors that say what happened and what to do."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            text = str(e)
+            if "locked" in text or "busy" in text:
+                raise StoreUnavailable(
+                    f"SQLite store {self.path} stayed locked by another writer for more than "
+                    f"{self.busy_timeout_s:g} s during {action}; retry, or use Redis for many writers"
+                ) from e
+            if "unable to open" in text or "readonly" in text:
+                raise StoreUnavailable(
+                    f"SQLite store {self.path} cannot be opened for writing during {action} ({text}); "
+                    "check the path and its permissions (MEMENTO_DATA_DIR / MEMENTO_STORE_URL)"
+                ) from e
+            if "full" in text:
+                raise StoreError(
+                    f"SQLite store {self.path}: disk full during {action}; free space and retry"
+                ) from e
+            raise StoreError(f"SQLite store {self.path}: {action} failed: {text}") from e
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"SQLite store {self.path}: {action} failed: {e} (is it a Memento database? "
+                "`sqlite3 FILE 'PRAGMA integrity_check'` tells whether it is damaged)"
+            ) from e
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreUnavailable(f"SQLite store {self.path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _read(self, action: str) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._errors(action):
+            yield self._db()
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One committed transaction; rolled back if the body raises."""
+        with self._lock, self._errors(action):
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)  # also after a failed COMMIT (disk full), so the next call starts clean
+                raise
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"SQLite store {self.path} has schema version {version}, newer than this Memento "
+                f"({SCHEMA_VERSION}); upgrade Memento or point MEMENTO_STORE_URL at another file"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for step in MIGRATIONS[version:]:
+                for sql in step:
+                    conn.execute(sql)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    @staticmethod
+    def _session(row: tuple) -> Session:
+        id_, owner, persona, memory, metadata, created_at = row
+        return Session(
+            id=id_,
+            owner=owner,
+            persona=persona,
+            memory=json.loads(memory),
+            metadata=json.loads(metadata),
+            created_at=created_at,
+        )
+
+    @staticmethod
+    def _message(row: tuple) -> Message:
+        id_, session_id, role, content, metadata, created_at = row
+        return Message(
+            id=id_,
+            session_id=session_id,
+            role=role,
+            content=content,
+            created_at=created_at,
+            metadata=json.loads(metadata),
+        )
+
+    _SESSION_COLS = "id, owner, persona, memory, metadata, created_at"
+    _MESSAGE_COLS = "id, session_id, role, content, metadata, created_at"
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        owner: str,
+        persona: str,
+        memory: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> Session:
+        session = Session(
+            id=session_id or new_id("sess"),
+            owner=owner,
+            persona=persona,
+            memory=memory,
+            metadata=metadata or {},
+        )
+        row = (
+            session.id,
+            owner,
+            persona,
+            to_json("session memory", memory),
+            to_json("session metadata", session.metadata),
+            session.created_at,
+        )
+        with self._write("create_session") as db:
+            if db.execute("SELECT 1 FROM sessions WHERE id = ?", (session.id,)).fetchone():
+                raise SessionExists(session.id)
+            db.execute(f"INSERT INTO sessions ({self._SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?)", row)
+        return session
+
+    def get_session(self, session_id: str, owner: str | None = None) -> Session | None:
+        with self._read("get_session") as db:
+            row = db.execute(
+                f"SELECT {self._SESSION_COLS} FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+        if row is None or (owner is not None and row[1] != owner):
+            return None
+        return self._session(row)
+
+    def list_sessions(self, owner: str) -> list[Session]:
+        """The owner's sessions, oldest first."""
+        with self._read("list_sessions") as db:
+            rows = db.execute(
+                f"SELECT {self._SESSION_COLS} FROM sessions WHERE owner = ? ORDER BY created_at, rowid",
+                (owner,),
+            ).fetchall()
+        return [self._session(r) for r in rows]
+
+    def update_session(
+        self,
+        session_id: str,
+        *,
+        persona: str | None = None,
+        memory: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Session:
+        changes: dict[str, str] = {}
+        if persona is not None:
+            changes["persona"] = persona
+        if memory is not None:
+            changes["memory"] = to_json("session memory", memory)
+        if metadata is not None:
+            changes["metadata"] = to_json("session metadata", metadata)
+        with self._write("update_session") as db:
+            if changes:
+                sets = ", ".join(f"{col} = ?" for col in changes)  # column names are ours, not input
+                db.execute(f"UPDATE sessions SET {sets} WHERE id = ?", (*changes.values(), session_id))
+            row = db.execute(
+                f"SELECT {self._SESSION_COLS} FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+            if row is None:
+                raise SessionNotFound(session_id)
+        return self._session(row)
+
+    def delete_session(self, session_id: str) -> bool:
+        with self._write("delete_session") as db:
+            # Explicit deletes rather than relying on ON DELETE CASCADE alone: a file opened by a
+            # tool without `PRAGMA foreign_keys=ON` must not leave orphans behind either.
+            db.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+            db.execute("DELETE FROM state WHERE session_id = ?", (session_id,))
+            return db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
+
+    # -- transcript -----------------------------------------------------------------------
+
+    def append_message(
+        self,
+        session_id: str,
+        role: str,
+        content: str,
+        metadata: dict[str, Any] | None = None,
+        message_id: str | None = None,
+    ) -> Message:
+        """Append and commit (fsync'd) before returning. Raises SessionNotFound."""
+        check_message(role, content)
+        msg = Message(
+            id=message_id or new_id("msg"),
+            session_id=session_id,
+            role=role,
+            content=content,
+            created_at=now_iso(),
+            metadata=metadata or {},
+        )
+        meta = to_json("message metadata", msg.metadata)
+        with self._write("append_message") as db:
+            if not db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
+                raise SessionNotFound(session_id)
+            if message_id is not None:
+                row = db.execute(
+                    f"SELECT {self._MESSAGE_COLS} FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+                if row is not None:
+                    if row[1] != session_id:
+                        raise StoreError(f"message id {message_id!r} is already used by another session")
+                    return self._message(row)  # a retried append: already stored once
+            db.execute(
+                f"INSERT INTO messages ({self._MESSAGE_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (msg.id, session_id, role, content, meta, msg.created_at),
+            )
+        return msg
+
+    def list_messages(self, session_id: str) -> list[Message]:
+        """The whole transcript in commit order. Raises SessionNotFound."""
+        with self._read("list_messages") as db:
+            # One read transaction so the existence check and the rows agree.
+            db.execute("BEGIN")
+            try:
+                exists = db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone()
+                rows = db.execute(
+                    f"SELECT {self._MESSAGE_COLS} FROM messages WHERE session_id = ? ORDER BY seq",
+                    (session_id,),
+                ).fetchall()
+            finally:
+                _rollback(db)  # read-only: nothing to commit
+        if not exists:
+            raise SessionNotFound(session_id)
+        return [self._message(r) for r in rows]
+
+    # -- strategy state -------------------------------------------------------------------
+
+    def get_state(self, session_id: str, key: str) -> dict[str, Any] | None:
+        with self._read("get_state") as db:
+            row = db.execute(
+                "SELECT value FROM state WHERE session_id = ? AND key = ?", (session_id, key)
+            ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put_state(self, session_id: str, key: str, value: dict[str, Any]) -> None:
+        """Replace the state under `key`. Raises SessionNotFound."""
+        text = to_json(f"state {key!r}", value)
+        with self._write("put_state") as db:
+            if not db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
+                raise SessionNotFound(session_id)
+            db.execute(
+                "INSERT INTO state (session_id, key, value, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value, "
+                "updated_at = excluded.updated_at",
+                (session_id, key, text, now_iso()),
+            )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        with self._read("ping") as db:
+            db.execute("SELECT 1").fetchone()
+
+    def integrity_check(self) -> str:
+        """`PRAGMA integrity_check`: "ok" for a sound file."""
+        with self._read("integrity_check") as db:
+            return "\n".join(r[0] for r in db.execute("PRAGMA integrity_check").fetchall())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
