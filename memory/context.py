@@ -1,0 +1,250 @@
+"""Context-window assembly: what the model sees for the next turn, guaranteed to fit.
+
+Order of `ctx.messages`:
+1. the persona's system prompt, with the memory block (summary and/or retrieved exchanges,
+   clearly labelled) appended to that FIRST system message. Templates such as Gemma's accept a
+   system message only in first position, so this renders everywhere. Effect on KV prefix reuse:
+   the persona text is a stable prefix every turn; the cache is reused up to the memory block,
+   which changes only when the summary is folded (summary strategies) or retrieval changes (vector).
+2. the persona's example dialogues,
+3. recent turns verbatim, oldest first,
+4. the new user message; the post-history instruction is appended to it as a marked
+   "[System note: ...]" (post_history_mode="user_suffix", the default, accepted by every template)
+   or sent as a final system message (post_history_mode="system", for templates that allow it).
+Adjacent messages of the same role are merged, transcript system messages become marked user-side
+notes, and a conversation opening with the assistant gets a marked user opener, so strict
+templates (Gemma: system first only, then strict user/assistant alternation) accept the result.
+
+Guarantee: `counter.count_messages(ctx.messages) + reserved_for_reply <= context_window`,
+counted exactly. When it does not fit, drop in this order: oldest recent exchanges (whole),
+then retrieved exchanges (least relevant first), then the summary, then example dialogues (last
+first); then the new message is truncated with "…[truncated]" and a warning. The persona system
+prompt, the post-history note and (a part of) the new message are never dropped; if they cannot
+fit, `ContextOverflow` is raised.
+
+Budget attribution (parts add up to `used` exactly): persona = count of the persona system prompt
++ kept examples alone; memory = count with the memory block added minus persona; recent = the rest
+(recent turns, the new message, the post-history note and the generation prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from memory.strategies.base import MemoryView, TokenCounter, group_exchanges, most_that_fit
+from memory.types import Message
+
+TRUNCATION_MARKER = "…[truncated]"
+POST_HISTORY_MODES = ("user_suffix", "system")
+CONVERSATION_START = "[The conversation starts.]"
+
+
+class ContextOverflow(ValueError):
+    """Even the persona and a truncated new message cannot fit the context window."""
+
+
+@dataclass
+class Context:
+    messages: list[dict[str, str]]
+    tokens: int
+    budget: dict[str, Any]
+    memory: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Parts:
+    """One candidate context; the fitting loop shrinks it until it fits."""
+
+    system: str | None
+    examples: list[list[dict[str, str]]]
+    summary: str | None
+    retrieved: list[list[Message]]
+    recent: list[list[Message]]
+    new_text: str
+    post_history: str | None
+    post_history_mode: str
+
+    def pinned(self, with_memory: bool) -> list[dict[str, str]]:
+        block = memory_block(self.summary, self.retrieved) if with_memory else None
+        system = "\n\n".join(t for t in (self.system, block) if t)
+        head = [{"role": "system", "content": system}] if system else []
+        return head + [m for ex in self.examples for m in ex]
+
+    def messages(self) -> list[dict[str, str]]:
+        out = self.pinned(with_memory=True)
+        out += conversation([m for group in self.recent for m in group])
+        text = self.new_text
+        if self.post_history and self.post_history_mode == "user_suffix":
+            text = f"{text}\n\n[System note: {self.post_history}]"
+        out.append({"role": "user", "content": text})
+        if self.post_history and self.post_history_mode == "system":
+            out.append({"role": "system", "content": self.post_history})
+        return merge_same_roles(out)
+
+
+def build_context(
+    pinned: list[dict[str, str]],
+    post_history: str | None,
+    view: MemoryView,
+    new_message: str,
+    counter: TokenCounter,
+    context_window: int,
+    reserved_for_reply: int,
+    strategy: str,
+    *,
+    post_history_mode: str = "user_suffix",
+) -> Context:
+    if post_history_mode not in POST_HISTORY_MODES:
+        raise ValueError(f"post_history_mode must be one of {POST_HISTORY_MODES}, got {post_history_mode!r}")
+    limit = context_window - reserved_for_reply
+    has_system = bool(pinned) and pinned[0]["role"] == "system"
+    parts = _Parts(
+        system=pinned[0]["content"] if has_system else None,
+        examples=_pairs(pinned[1:] if has_system else pinned),
+        summary=view.summary or None,
+        retrieved=list(view.retrieved),
+        recent=group_exchanges(view.recent),
+        new_text=new_message,
+        post_history=post_history,
+        post_history_mode=post_history_mode,
+    )
+    warnings = list(view.warnings)
+
+    def fits() -> bool:
+        return counter.count_messages(parts.messages()) <= limit
+
+    if not fits():
+        _shrink(parts, fits, warnings, limit, reserved_for_reply, context_window)
+    messages = parts.messages()
+    used = counter.count_messages(messages)
+    persona = counter.count_messages(merge_same_roles(parts.pinned(False))) if parts.pinned(False) else 0
+    with_memory = counter.count_messages(merge_same_roles(parts.pinned(True))) if parts.pinned(True) else 0
+    memory_tokens = with_memory - persona if (parts.summary or parts.retrieved) else 0
+    budget = {
+        "context_window": context_window,
+        "reserved_for_reply": reserved_for_reply,
+        "used": used,
+        "parts": {"persona": persona, "memory": memory_tokens, "recent": used - persona - memory_tokens},
+    }
+    memory: dict[str, Any] = {"strategy": strategy}
+    if parts.summary:
+        memory["summary"] = parts.summary
+    if parts.retrieved:
+        memory["retrieved"] = [[_message_json(m) for m in ex] for ex in parts.retrieved]
+    return Context(messages, used, budget, memory, warnings)
+
+
+def _shrink(
+    parts: _Parts,
+    fits: Callable[[], bool],
+    warnings: list[str],
+    limit: int,
+    reserved: int,
+    window: int,
+) -> None:
+    """Drop (in the documented order) until `fits()`; truncate the new message as a last resort."""
+    recent = parts.recent
+    keep = most_that_fit(len(recent), lambda k: _with(parts, "recent", recent[len(recent) - k :], fits))
+    parts.recent = recent[len(recent) - max(keep, 0) :]
+    if keep >= 0:  # most_that_fit checked fits() for exactly this choice
+        return
+    while parts.retrieved and not fits():
+        parts.retrieved = parts.retrieved[:-1]
+    if parts.summary and not fits():
+        parts.summary = None
+    while parts.examples and not fits():
+        parts.examples = parts.examples[:-1]
+    if fits():
+        return
+    original = parts.new_text
+    keep = _last_true(len(original), lambda n: _with(parts, "new_text", original[:n] + TRUNCATION_MARKER, fits))
+    if keep < 0:
+        parts.new_text = original
+        raise ContextOverflow(
+            f"the persona prompt and post-history note alone do not fit: context_window={window} minus "
+            f"reserved_for_reply={reserved} leaves {limit} tokens; shorten the persona or lower max_tokens"
+        )
+    parts.new_text = original[:keep] + TRUNCATION_MARKER
+    warnings.append(
+        f"the new message was truncated from {len(original)} to {keep} characters to fit the context window"
+    )
+
+
+def _with(parts: _Parts, attr: str, value: Any, fits: Callable[[], bool]) -> bool:
+    """fits() with one attribute temporarily replaced."""
+    old = getattr(parts, attr)
+    setattr(parts, attr, value)
+    try:
+        return fits()
+    finally:
+        setattr(parts, attr, old)
+
+
+def _last_true(hi: int, pred: Callable[[int], bool]) -> int:
+    """Largest i in [0, hi] with pred(i) (pred shrinks monotonically); -1 if none."""
+    lo, end = -1, hi
+    while lo < end:
+        mid = (lo + end + 1) // 2
+        if pred(mid):
+            lo = mid
+        else:
+            end = mid - 1
+    return lo
+
+
+def memory_block(summary: str | None, retrieved: Sequence[list[Message]]) -> str | None:
+    """The labelled memory text appended to the system prompt."""
+    sections = []
+    if summary:
+        sections.append(f"[Memory: summary of the earlier conversation]\n{summary}")
+    if retrieved:
+        lines = ["[Memory: relevant earlier exchanges, most relevant first]"]
+        for ex in retrieved:
+            lines += [f"{'User' if m.role == 'user' else 'Assistant'}: {m.content}" for m in ex]
+            lines.append("")
+        sections.append("\n".join(lines).rstrip())
+    return "\n\n".join(sections) if sections else None
+
+
+def conversation(recent: list[Message]) -> list[dict[str, str]]:
+    """Recent turns as chat messages that strict templates accept.
+
+    A system message stored in the transcript becomes a marked note on the user side, and a
+    conversation that opens with the assistant (a persona greeting) gets a marked user opener,
+    so the turns alternate user/assistant from the first one.
+    """
+    out = [
+        {"role": "user", "content": f"[System note: {m.content}]"} if m.role == "system" else m.to_chat()
+        for m in recent
+    ]
+    if out and out[0]["role"] != "user":
+        out.insert(0, {"role": "user", "content": CONVERSATION_START})
+    return out
+
+
+def merge_same_roles(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = {"role": m["role"], "content": f"{out[-1]['content']}\n\n{m['content']}"}
+        else:
+            out.append(dict(m))
+    return out
+
+
+def _pairs(examples: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """Example dialogue messages grouped into user-led exchanges (dropped whole)."""
+    groups: list[list[dict[str, str]]] = []
+    for m in examples:
+        if m["role"] == "user" or not groups:
+            groups.append([m])
+        else:
+            groups[-1].append(m)
+    return groups
+
+
+def _message_json(m: Message) -> dict[str, Any]:
+    return {"id": m.id, "session_id": m.session_id, "role": m.role, "content": m.content}

@@ -1,0 +1,108 @@
+"""Summarizers for the `summary` and `summary_buffer` strategies.
+
+A summarizer is `(previous summary, newly overflowed messages) -> updated summary`.
+
+- `ModelSummarizer(engine, tokenizer)`: the local model rewrites the running summary with a short
+  prompt through the chat template, decoded greedily (temperature 0; a mild repetition penalty
+  keeps small models from looping). New messages too long for one prompt are folded in chunks,
+  still within one summarizer call.
+- `ExtractiveSummarizer`: no model; keeps the users' own lines, newest last, within a character
+  cap. Cheap and deterministic (used by `memory.bench` and as a fallback for empty model output).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memory.types import Message
+
+SYSTEM_PROMPT = (
+    "You keep a short running summary of a conversation between a user and an assistant. "
+    "Keep names, facts about the user, preferences, plans and decisions. "
+    "Write in the language of the conversation. Answer with the updated summary only."
+)
+
+
+def _lines(messages: list[Message]) -> list[str]:
+    return [f"{'User' if m.role == 'user' else 'Assistant'}: {m.content}" for m in messages]
+
+
+class ExtractiveSummarizer:
+    name = "extractive"
+
+    def __init__(self, max_chars: int = 2000, line_chars: int = 300) -> None:
+        self.max_chars = max_chars
+        self.line_chars = line_chars
+
+    def __call__(self, previous: str, messages: list[Message]) -> str:
+        lines = previous.splitlines() if previous else []
+        lines += [f"User said: {m.content[: self.line_chars]}" for m in messages if m.role == "user"]
+        while lines and sum(len(x) + 1 for x in lines) > self.max_chars:
+            lines.pop(0)  # the oldest facts go first
+        return "\n".join(lines)
+
+
+class ModelSummarizer:
+    name = "model"
+
+    def __init__(
+        self,
+        engine: Any,
+        tokenizer: Any,
+        max_tokens: int = 256,
+        context_window: int | None = None,
+        repetition_penalty: float = 1.1,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.context_window = context_window or int(engine.context_window)
+        self.repetition_penalty = repetition_penalty
+        self._fallback = ExtractiveSummarizer()
+
+    def __call__(self, previous: str, messages: list[Message]) -> str:
+        summary = previous
+        for chunk in self._chunks(previous, _lines(messages)):
+            summary = self._fold(summary, chunk)
+        return summary
+
+    def prompt(self, previous: str, lines: list[str]) -> list[dict[str, str]]:
+        body = (
+            f"Current summary:\n{previous or '(empty)'}\n\n"
+            "New lines of the conversation:\n" + "\n".join(lines) + "\n\nUpdated summary:"
+        )
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": body}]
+
+    def _fold(self, previous: str, lines: list[str]) -> str:
+        from model.sampling import SamplingParams
+
+        ids = self.tokenizer.apply_chat_template(self.prompt(previous, lines), add_generation_prompt=True)
+        params = SamplingParams(
+            max_tokens=self.max_tokens, temperature=0.0, repetition_penalty=self.repetition_penalty
+        )
+        text = self.engine.complete(ids, params, session_id=None).text.strip()
+        if not text:  # never lose the new lines because the model said nothing
+            return self._fallback(previous, [_as_user(line) for line in lines])
+        return text
+
+    def _chunks(self, previous: str, lines: list[str]) -> list[list[str]]:
+        """Pack lines so each prompt (previous summary of <= max_tokens included) fits the window."""
+        overhead = self.tokenizer.count_messages(self.prompt(previous, []))
+        budget = max(64, self.context_window - self.max_tokens - max(overhead, self.max_tokens + 64) - 16)
+        chunks: list[list[str]] = [[]]
+        used = 0
+        for line in lines:
+            n = self.tokenizer.count(line) + 1
+            if n > budget:  # one huge message: keep its head
+                line = line[: max(1, len(line) * budget // n)] + "…[truncated]"
+                n = budget
+            if used + n > budget and chunks[-1]:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(line)
+            used += n
+        return [c for c in chunks if c]
+
+
+def _as_user(line: str) -> Message:
+    return Message(id="", session_id="", role="user", content=line, created_at="")

@@ -1,0 +1,63 @@
+"""Summarizers: the extractive one, and ModelSummarizer on the real SmolLM2-135M (slow)."""
+
+from __future__ import annotations
+
+import pytest
+
+from memory.summarizer import ExtractiveSummarizer, ModelSummarizer
+from tests.memory.strategy_helpers import msg, smollm2_counter, transcript
+
+
+def test_extractive_keeps_user_lines_newest_last_within_cap():
+    s = ExtractiveSummarizer(max_chars=60)
+    out = s("", [msg(0, "user", "my dog is Kong"), msg(1, "assistant", "nice"), msg(2, "user", "I live in Seoul")])
+    assert out == "User said: my dog is Kong\nUser said: I live in Seoul"
+    out = s(out, [msg(3, "user", "I like tea")])
+    assert out.endswith("User said: I like tea") and "Kong" not in out and len(out) <= 60
+
+
+class _NoEngine:
+    context_window = 300
+
+
+def test_model_summarizer_chunks_long_input_to_fit_its_window():
+    tok = smollm2_counter()
+    summ = ModelSummarizer(_NoEngine(), tok, max_tokens=64)
+    lines = [f"User: {m.content}" for m in transcript(40, words=12)] + ["User: " + "huge " * 2000]
+    chunks = summ._chunks("previous summary", lines)
+    assert sum(len(c) for c in chunks) == len(lines) and len(chunks) > 1
+    for chunk in chunks:
+        # the prompt, with a previous summary as long as a reply can be, leaves room for the reply
+        prompt = summ.prompt("word " * 64, chunk)
+        assert tok.count_messages(prompt) + 64 <= 300 + 16
+    assert chunks[-1][-1].endswith("…[truncated]")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    registry = pytest.importorskip("model.registry")
+    if not hasattr(registry, "load_model"):
+        pytest.skip("model.registry.load_model is not available yet")
+    from model import Engine
+
+    lm = registry.load_model("smollm2-135m-instruct", device="cpu", progress=False)
+    return lm, Engine(lm)
+
+
+@pytest.mark.slow
+def test_model_summarizer_with_real_smollm2_is_greedy_and_deterministic(smollm2):
+    lm, engine = smollm2
+    summ = ModelSummarizer(engine, lm.tokenizer, max_tokens=32)
+    messages = [msg(0, "user", "Hi, my name is Jisoo and my dog is called Kong."),
+                msg(1, "assistant", "Nice to meet you, Jisoo! Kong is a lovely name.")]
+    first = summ("", messages)
+    assert first.strip() and first == summ("", messages)  # greedy decoding: same text every time
+    assert lm.tokenizer.count(first) <= 32 + 2
+
+
+def test_model_summarizer_prompt_carries_previous_summary_and_new_lines():
+    summ = ModelSummarizer(_NoEngine(), smollm2_counter())
+    prompt = summ.prompt("Jisoo has a dog, Kong.", ["User: I moved to Busan.", "Assistant: Great!"])
+    assert prompt[0]["role"] == "system" and "summary" in prompt[0]["content"]
+    body = prompt[1]["content"]
+    assert "Current summary:\nJisoo has a dog, Kong." in body and body.index("Kong") < body.index("Busan")
