@@ -1,0 +1,398 @@
+"""One conversation turn, from a stored session to a stored reply.
+
+    conv = Conversations(rt)
+    prep = conv.prepare(session, "hi")                  # blocking: run in a thread
+    job_fn = conv.turn_job(prep, sampling)              # runs on the engine worker
+    result = job_fn(job)                                # -> TurnResult (message stored, usage)
+
+Order of a turn: load the session (owner-checked) -> persona parts (with a register reminder
+when recent replies drifted) -> the memory strategy's view -> `build_context` -> chat template
+-> [worker] store the user message -> engine.generate (session id = KV reuse; RegisterGuard as a
+logit processor in `guard` mode) -> register post-check / repair -> store the reply with
+metadata -> `after_turn` on the background thread, off the reply's critical path.
+
+Interrupted replies (client gone, deadline passed) ARE stored, with whatever text was generated
+and metadata `{"interrupted": true, "finish_reason": "cancelled"}`: the transcript keeps the
+user/assistant alternation and shows what the user saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from memory.strategies import StrategyDeps, build_strategy, validate_memory_config
+from memory.types import Message, Session
+from service import register
+from service.errors import APIError, not_found
+from service.runtime import Runtime
+from service.worker import Job
+
+log = logging.getLogger("memento.conversation")
+
+GREEDY_BELOW = 1e-4  # temperature or top_p below this is sampled greedily
+REPAIR_MAX_TOKENS = 48  # one regenerated sentence when repairing the register
+SENTENCE_END = re.compile(r"[.!?。…]+|\n")
+
+
+@dataclass
+class Sampling:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """Everything the worker needs for one generation; built off the worker thread."""
+
+    messages: list[dict[str, str]]  # what the chat template saw
+    prompt_ids: list[int]
+    prefix_len: int | None  # tokens of the pinned persona prefix (cached once, never shifted out)
+    max_tokens: int  # reply limit that still fits the window
+    persona: Any  # persona.Persona
+    session: Session | None = None  # None: stateless
+    new_message: str | None = None  # memory mode: the user turn to store first
+    ctx: Any = None  # memory.context.Context (memory mode)
+    remind: bool = False
+
+
+@dataclass
+class TurnResult:
+    text: str
+    finish_reason: str  # stop | length | cancelled
+    usage: dict[str, int]
+    message: Message | None = None  # the stored reply (memory mode)
+    register_meta: dict[str, Any] = field(default_factory=dict)  # register label (+ repairs)
+
+    def openai_finish_reason(self) -> Literal["stop", "length"]:
+        return "stop" if self.finish_reason == "stop" else "length"
+
+
+def usage_dict(u: Any) -> dict[str, int]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "cached_tokens": u.cached_tokens,
+    }
+
+
+class Conversations:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.store = rt.store
+        self.settings = rt.settings
+
+    # ------------------------------------------------------------------ sessions
+
+    def get_session(self, session_id: str, owner: str) -> Session:
+        session = self.store.get_session(session_id, owner=owner)
+        if session is None:  # missing and "someone else's" look the same: no existence leak
+            raise not_found("session", session_id)
+        return session
+
+    def create_session(
+        self,
+        owner: str,
+        persona: str | None = None,
+        memory: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> Session:
+        persona_name = persona or self.settings.persona
+        self.rt.personas.get(persona_name)  # 404 for an unknown persona, before anything is written
+        config = self.check_memory(memory if memory is not None else self.settings.memory)
+        return self.store.create_session(owner, persona_name, config, metadata or {}, session_id=session_id)
+
+    def update_session(
+        self, session: Session, *, persona: str | None, memory: dict[str, Any] | None, metadata: dict | None
+    ) -> Session:
+        if persona is not None:
+            self.rt.personas.get(persona)
+        config = self.check_memory(memory) if memory is not None else None
+        return self.store.update_session(session.id, persona=persona, memory=config, metadata=metadata)
+
+    def delete_session(self, session: Session) -> None:
+        self.store.delete_session(session.id)
+        engine = self.rt.engine
+        self.rt.worker.submit(lambda _job: engine.drop_session(session.id), background=True)
+        if self.rt._vector is not None:  # only if it was ever opened: deleting must not load Chroma
+            try:
+                self.rt._vector.delete_session(session.owner, session.id)
+            except Exception:  # the transcript is gone; stale vectors are filtered by session anyway
+                log.warning("could not delete vectors of session %s", session.id, exc_info=True)
+
+    @staticmethod
+    def check_memory(config: dict[str, Any]) -> dict[str, Any]:
+        from memory.strategies import MemoryConfigError
+
+        try:
+            return validate_memory_config(config)
+        except MemoryConfigError as exc:
+            raise APIError(422, str(exc), param=exc.param, code="invalid_memory") from exc
+
+    # ------------------------------------------------------------------ memory
+
+    def strategy_deps(self, config: dict[str, Any]) -> StrategyDeps:
+        vector = self.rt.vector() if config.get("strategy") == "vector" else None
+        return StrategyDeps(self.store, self.rt.tokenizer, summarizer=self.summarizer(), vector=vector)
+
+    def strategy(self, session: Session) -> Any:
+        return build_strategy(session.memory, self.strategy_deps(session.memory))
+
+    def summarizer(self) -> Any:
+        from memory.summarizer import ModelSummarizer
+
+        return ModelSummarizer(WorkerEngine(self.rt), self.rt.tokenizer, max_tokens=self.settings.summary_max_tokens)
+
+    def schedule_after_turn(self, session_id: str) -> None:
+        def task() -> None:
+            session = self.store.get_session(session_id)
+            if session is None:  # deleted meanwhile
+                return
+            self.strategy(session).after_turn(session, self.store.list_messages(session_id))
+
+        self.rt.background.submit(("after_turn", session_id), task)
+
+    # ------------------------------------------------------------------ building the prompt
+
+    def persona(self, name: str | None) -> Any:
+        return self.rt.personas.get(name or self.settings.persona)
+
+    def session_persona(self, session: Session, override: str | None) -> tuple[Any, str | None]:
+        """The turn's persona; if the session's was deleted since, the default one and a warning
+        (a named override that does not exist is still the caller's 404)."""
+        from persona.errors import PersonaNotFound
+
+        if override:
+            return self.persona(override), None
+        try:
+            return self.persona(session.persona), None
+        except PersonaNotFound:
+            default = self.settings.persona
+            log.warning("session %s: persona %r is gone, using %r", session.id, session.persona, default)
+            return self.persona(default), f"persona {session.persona!r} no longer exists: using {default!r}"
+
+    def reserve(self, requested: int | None) -> int:
+        """Context tokens kept free for the reply: the configured reserve or the request's max, within half the window."""
+        want = max(self.settings.reserve_for_reply, requested or 0)
+        return max(1, min(want, self.rt.context_window // 2))
+
+    def prepare(
+        self, session: Session, new_message: str, *, persona_name: str | None = None, max_tokens: int | None = None
+    ) -> Prepared:
+        """Memory mode: what the model sees for `new_message` in `session` (nothing is written)."""
+        from memory.context import build_context
+        from persona.prompt import build_prompt_parts
+
+        persona, warning = self.session_persona(session, persona_name)
+        history = self.store.list_messages(session.id)
+        remind = register.drifted(persona, history)
+        parts = build_prompt_parts(persona, remind=remind)
+        view = self.strategy(session).view(session, history, new_message)
+        reserved = self.reserve(max_tokens)
+        ctx = build_context(
+            pinned=parts.pinned,
+            post_history=parts.post_history,
+            view=view,
+            new_message=new_message,
+            counter=self.rt.tokenizer,
+            context_window=self.rt.context_window,
+            reserved_for_reply=reserved,
+            strategy=session.memory.get("strategy", ""),
+        )
+        if warning:
+            ctx.warnings.append(warning)
+        prep = self._tokenize(ctx.messages, len(parts.pinned), persona, max_tokens)
+        prep.session, prep.new_message, prep.ctx, prep.remind = session, new_message, ctx, remind
+        return prep
+
+    def prepare_stateless(
+        self, messages: list[dict[str, str]], *, persona_name: str | None, max_tokens: int | None
+    ) -> Prepared:
+        """Stateless: the client's messages as given, the persona's pinned parts first if one is named."""
+        from persona.prompt import build_prompt_parts
+
+        persona = self.persona(persona_name)
+        pinned: list[dict[str, str]] = []
+        if persona_name:
+            parts = build_prompt_parts(persona)
+            pinned = parts.pinned
+            messages = [m for m in messages if m["role"] != "system"] if pinned else messages
+        return self._tokenize(pinned + messages, len(pinned), persona, max_tokens)
+
+    def _tokenize(self, messages: list[dict[str, str]], n_pinned: int, persona: Any, max_tokens: int | None) -> Prepared:
+        tok = self.rt.tokenizer
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        window = self.rt.context_window
+        if len(ids) >= window:
+            raise APIError(
+                400,
+                f"the prompt is {len(ids)} tokens but the model's context window is {window}; "
+                "send fewer or shorter messages (or use a session: memory mode trims to fit)",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        prefix_len = None
+        if n_pinned:
+            pinned_ids = tok.apply_chat_template(messages[:n_pinned], add_generation_prompt=False)
+            prefix_len = _common_prefix(pinned_ids, ids) or None
+        limit = max_tokens or self.settings.max_tokens
+        return Prepared(messages, ids, prefix_len, max(1, min(limit, window - len(ids))), persona)
+
+    # ------------------------------------------------------------------ generating (worker thread)
+
+    def turn_job(self, prep: Prepared, sampling: Sampling) -> Any:
+        """A worker job: store the user turn, generate (emitting text deltas), store the reply."""
+
+        def run(job: Job) -> TurnResult:
+            if prep.session is not None and prep.new_message is not None:
+                self.store.append_message(prep.session.id, "user", prep.new_message)
+            result = self._generate(job, prep, sampling)
+            if prep.session is not None:
+                result.message = self._store_reply(prep, result)
+                self.schedule_after_turn(prep.session.id)
+            return result
+
+        return run
+
+    def _generate(self, job: Job, prep: Prepared, sampling: Sampling) -> TurnResult:
+        from model import SamplingParams
+
+        temperature = 0.7 if sampling.temperature is None else sampling.temperature
+        top_p = 1.0 if sampling.top_p is None else sampling.top_p
+        if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW:
+            # that close to 0 only the top token can win; dividing logits by ~0 would give inf/NaN
+            temperature, top_p = 0.0, 1.0
+        params = SamplingParams(
+            max_tokens=min(sampling.max_tokens or prep.max_tokens, prep.max_tokens),
+            temperature=temperature,
+            top_p=top_p,
+            seed=sampling.seed,
+            stop=sampling.stop,
+        )
+        guard = register.guard_for(prep.persona, self.rt.tokenizer)
+        events = self.rt.engine.generate(
+            prep.prompt_ids,
+            params,
+            session_id=prep.session.id if prep.session is not None else None,
+            logits_processors=[guard] if guard is not None else [],
+            should_stop=job.should_stop,
+            prefix_len=prep.prefix_len,
+        )
+        pieces: list[str] = []
+        first_token_at = None
+        for ev in events:
+            if first_token_at is None and ev.token_id is not None:
+                first_token_at = time.monotonic()
+            text = ev.text.rstrip("\ufffd") if ev.finished else ev.text  # a character cut by max_tokens
+            if text:
+                pieces.append(text)
+                job.emit(text)
+            if ev.finished:
+                return self._finish(job, prep, "".join(pieces), ev, first_token_at, params, guard)
+        raise RuntimeError("the engine ended without a final event")
+
+    def _finish(
+        self, job: Job, prep: Prepared, text: str, ev: Any, first_token_at: float | None, params: Any, guard: Any
+    ) -> TurnResult:
+        now = time.monotonic()
+        usage = usage_dict(ev.usage)
+        self.rt.metrics.record_generation(
+            ttft=(first_token_at - job.submitted) if first_token_at else None,
+            decode_seconds=(now - first_token_at) if first_token_at else 0.0,
+            prompt=usage["prompt_tokens"],
+            cached=usage["cached_tokens"],
+            completion=usage["completion_tokens"],
+            reason=ev.finish_reason,
+        )
+        regenerate = self._regenerator(prep, params, guard) if guard is not None else None
+        text, register_meta = register.post_check(prep.persona, text, self.rt.metrics, regenerate)
+        return TurnResult(text, ev.finish_reason, usage, register_meta=register_meta)
+
+    def _regenerator(self, prep: Prepared, params: Any, guard: Any) -> Any:
+        """For register repair: one new sentence continuing the reply so far, guard on (worker thread)."""
+        from model import SamplingParams
+
+        tok = self.rt.tokenizer
+
+        def regenerate(prefix: str) -> str:
+            ids = prep.prompt_ids + (tok.encode(prefix) if prefix else [])
+            p = SamplingParams(max_tokens=REPAIR_MAX_TOKENS, temperature=max(params.temperature, 0.7), top_p=params.top_p)
+            text = self.rt.engine.complete(ids, p, logits_processors=[guard]).text
+            return first_sentence(text)
+
+        return regenerate
+
+    def _store_reply(self, prep: Prepared, result: TurnResult) -> Message:
+        assert prep.session is not None
+        metadata: dict[str, Any] = {
+            "finish_reason": result.finish_reason,
+            "usage": result.usage,
+            "persona": prep.persona.name,
+            "model": self.rt.lm.name,
+        }
+        metadata.update(result.register_meta)
+        if prep.remind:
+            metadata["reminded"] = True
+        if result.finish_reason == "cancelled":
+            metadata["interrupted"] = True
+        return self.store.append_message(prep.session.id, "assistant", result.text, metadata)
+
+    # ------------------------------------------------------------------ the context inspector
+
+    def context_view(self, session: Session, message: str) -> dict[str, Any]:
+        prep = self.prepare(session, message)
+        ctx = prep.ctx
+        return {
+            "messages": ctx.messages,
+            "tokens": ctx.tokens,
+            "budget": ctx.budget,
+            "memory": _memory_json(ctx.memory),
+            "warnings": list(ctx.warnings),
+        }
+
+
+class WorkerEngine:
+    """The engine as seen from other threads: `complete` runs as a background job on the worker
+    (the engine has exactly one owner thread), so summaries never race a streaming reply."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.context_window = rt.context_window
+
+    def complete(self, prompt_ids: list[int], params: Any, session_id: str | None = None) -> Any:
+        engine = self.rt.engine
+        return self.rt.worker.call(lambda _job: engine.complete(prompt_ids, params, session_id=session_id), background=True)
+
+
+def first_sentence(text: str) -> str:
+    """Up to and including the first sentence end (the ending is kept: the register lives there)."""
+    text = text.lstrip()
+    m = SENTENCE_END.search(text)
+    return text[: m.end()].strip() if m else text.strip()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _memory_json(memory: dict[str, Any]) -> dict[str, Any]:
+    """Messages inside `retrieved` as plain dicts (JSON-ready)."""
+    out = dict(memory)
+    if "retrieved" in out:
+        out["retrieved"] = [
+            [m.to_chat() if isinstance(m, Message) else m for m in ex] if isinstance(ex, list) else ex
+            for ex in out["retrieved"]
+        ]
+    return out

@@ -1,0 +1,68 @@
+"""Prometheus metrics, one registry per app (so several apps in one test process do not clash).
+
+Exposed at `GET /metrics`: requests, queue depth, time to first token, decode speed,
+prompt tokens (all and served from the KV cache) and how often replies kept the persona's register.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TPS_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 400, 800)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "memento_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
+        )
+        self.queue_depth = Gauge("memento_queue_depth", "requests waiting for the model", registry=r)
+        self.worker_busy = Gauge("memento_worker_busy", "1 while the model is generating", registry=r)
+        self.rejected = Counter("memento_queue_rejected", "requests refused with 429 (queue full)", registry=r)
+        self.ttft = Histogram(
+            "memento_time_to_first_token_seconds", "submit to first token", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.tokens_per_second = Histogram(
+            "memento_decode_tokens_per_second", "completion tokens / decode time", buckets=TPS_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("memento_prompt_tokens", "prompt tokens processed", registry=r)
+        self.cached_tokens = Counter(
+            "memento_cached_prompt_tokens", "prompt tokens whose KV came from the cache", registry=r
+        )
+        self.completion_tokens = Counter("memento_completion_tokens", "tokens generated", registry=r)
+        self.generations = Counter(
+            "memento_generations", "finished generations by finish reason", ["finish_reason"], registry=r
+        )
+        self.register_replies = Counter(
+            "memento_register_replies",
+            "replies checked against the persona's register (consistent=true when it matched)",
+            ["register", "consistent"],
+            registry=r,
+        )
+
+    def bind_queue(self, depth: Callable[[], int], busy: Callable[[], bool]) -> None:
+        self.queue_depth.set_function(lambda: float(depth()))
+        self.worker_busy.set_function(lambda: 1.0 if busy() else 0.0)
+
+    def record_generation(
+        self, *, ttft: float | None, decode_seconds: float, prompt: int, cached: int, completion: int, reason: str
+    ) -> None:
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if completion > 1 and decode_seconds > 0:
+            self.tokens_per_second.observe((completion - 1) / decode_seconds)
+        self.prompt_tokens.inc(prompt)
+        self.cached_tokens.inc(cached)
+        self.completion_tokens.inc(completion)
+        self.generations.labels(finish_reason=reason).inc()
+
+    def record_register(self, target: str, consistent: bool) -> None:
+        self.register_replies.labels(register=target, consistent=str(consistent).lower()).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,180 @@
+"""Native sessions API: sessions, their transcripts, a turn (optionally streamed), the context inspector."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from memory.types import Message, Session
+from service import sse
+from service.conversation import Prepared, Sampling, TurnResult
+from service.deps import ConvDep, RuntimeDep, UserDep
+from service.errors import APIError, error_body
+from service.schemas import (
+    ContextOut,
+    MessageCreate,
+    MessageOut,
+    SessionCreate,
+    SessionOut,
+    SessionUpdate,
+    TurnOut,
+)
+from service.worker import KEEPALIVE, open_stream, run_job
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+
+def session_out(s: Session) -> SessionOut:
+    return SessionOut(id=s.id, persona=s.persona, memory=s.memory, created_at=s.created_at, metadata=s.metadata)
+
+
+def message_out(m: Message) -> MessageOut:
+    return MessageOut(id=m.id, role=m.role, content=m.content, created_at=m.created_at, metadata=m.metadata)
+
+
+def check_length(rt: Any, content: str, param: str) -> None:
+    limit = rt.settings.max_message_chars
+    if len(content) > limit:
+        raise APIError(
+            413,
+            f"{param} is {len(content)} characters; the limit is {limit} (MEMENTO_MAX_MESSAGE_CHARS)",
+            param=param,
+            code="message_too_long",
+        )
+
+
+@router.post("", status_code=201, response_model=SessionOut)
+async def create_session(body: SessionCreate, user: UserDep, conv: ConvDep) -> SessionOut:
+    memory = body.memory.as_dict() if body.memory else None
+    session = await run_in_threadpool(conv.create_session, user, body.persona, memory, body.metadata)
+    return session_out(session)
+
+
+@router.get("")
+async def list_sessions(user: UserDep, conv: ConvDep) -> dict[str, Any]:
+    sessions = await run_in_threadpool(conv.store.list_sessions, user)
+    return {"object": "list", "data": [session_out(s).model_dump() for s in sessions]}
+
+
+@router.get("/{session_id}", response_model=SessionOut)
+async def get_session(session_id: str, user: UserDep, conv: ConvDep) -> SessionOut:
+    return session_out(await run_in_threadpool(conv.get_session, session_id, user))
+
+
+@router.patch("/{session_id}", response_model=SessionOut)
+async def update_session(session_id: str, body: SessionUpdate, user: UserDep, conv: ConvDep) -> SessionOut:
+    def update() -> Session:
+        session = conv.get_session(session_id, user)
+        memory = body.memory.as_dict() if body.memory else None
+        return conv.update_session(session, persona=body.persona, memory=memory, metadata=body.metadata)
+
+    return session_out(await run_in_threadpool(update))
+
+
+@router.delete("/{session_id}", status_code=204)
+async def delete_session(session_id: str, user: UserDep, conv: ConvDep) -> Response:
+    def delete() -> None:
+        conv.delete_session(conv.get_session(session_id, user))
+
+    await run_in_threadpool(delete)
+    return Response(status_code=204)
+
+
+@router.get("/{session_id}/messages")
+async def list_messages(session_id: str, user: UserDep, conv: ConvDep) -> dict[str, Any]:
+    def load() -> list[Message]:
+        conv.get_session(session_id, user)
+        return conv.store.list_messages(session_id)
+
+    messages = await run_in_threadpool(load)
+    return {"object": "list", "data": [message_out(m).model_dump() for m in messages]}
+
+
+@router.post("/{session_id}/messages", response_model=TurnOut)
+async def post_message(session_id: str, body: MessageCreate, user: UserDep, conv: ConvDep, rt: RuntimeDep) -> Any:
+    check_length(rt, body.content, "content")
+    session = await run_in_threadpool(conv.get_session, session_id, user)
+    sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop_list())
+
+    def prepare() -> Prepared:
+        return conv.prepare(session, body.content, max_tokens=body.max_tokens)
+
+    outcome = await start_turn(rt, conv, session.id, prepare, sampling, body.stream)
+    if body.stream:
+        return sse.response(native_stream(outcome))
+    return turn_out(outcome)
+
+
+async def start_turn(
+    rt: Any, conv: Any, session_id: str | None, prepare: Callable[[], Prepared], sampling: Sampling, stream: bool
+) -> Any:
+    """Prepare off the event loop and submit to the worker: the stream's items, or the TurnResult.
+
+    One turn per session at a time (`session_id` None: stateless, no claim): a concurrent second
+    turn gets 409 rather than interleaving the transcript. The claim ends with the worker job.
+    """
+    release = rt.in_flight.claim(session_id) if session_id is not None else (lambda: None)
+    if release is None:
+        raise APIError(
+            409, f"session {session_id!r} is already answering a message; retry when it is done",
+            param="session_id", code="session_busy", headers={"Retry-After": "1"},
+        )
+    try:
+        prep = await run_in_threadpool(prepare)
+        job = conv.turn_job(prep, sampling)
+        timeout = rt.settings.request_timeout
+        if stream:
+            keepalive = rt.settings.keepalive_seconds
+            return open_stream(rt.worker, job, keepalive=keepalive, timeout=timeout, on_done=release)
+        return await run_job(rt.worker, job, timeout=timeout, on_done=release)
+    except BaseException:
+        release()  # not submitted (or failed): free the session now; a second release is harmless
+        raise
+
+
+def turn_out(result: TurnResult) -> TurnOut:
+    assert result.message is not None
+    return TurnOut(message=message_out(result.message), usage=result.usage)  # type: ignore[arg-type]
+
+
+async def native_stream(items: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    """`{"delta"}` events, then `{"message", "usage"}`, then [DONE]; an error becomes an `{"error"}` event."""
+    try:
+        async for item in items:
+            if item is KEEPALIVE:
+                yield sse.KEEPALIVE
+            elif isinstance(item, str):
+                yield sse.event({"delta": item})
+            else:
+                yield sse.event(turn_out(item).model_dump())
+    except Exception as exc:  # headers are sent: the error can only travel in the stream
+        yield sse.event(stream_error(exc))
+    yield sse.DONE
+
+
+def stream_error(exc: Exception) -> dict[str, Any]:
+    from service.errors import as_api_error
+
+    api = as_api_error(exc)
+    if api is None:
+        import logging
+
+        logging.getLogger("memento").exception("generation failed")
+        return error_body(500, f"generation failed: {type(exc).__name__}", code="internal_error")
+    return api.body()
+
+
+@router.get("/{session_id}/context", response_model=ContextOut)
+async def get_context(
+    session_id: str,
+    user: UserDep,
+    conv: ConvDep,
+    message: str = Query("", description="the next user message, if it were sent (retrieval uses it)"),
+) -> dict[str, Any]:
+    def build() -> dict[str, Any]:
+        return conv.context_view(conv.get_session(session_id, user), message)
+
+    return await run_in_threadpool(build)

@@ -1,0 +1,250 @@
+"""Request and response bodies.
+
+OpenAI models are ordered and named as OpenAI's API reference documents them (required fields
+first, then alphabetical); fields marked `# extra (ours)` are Memento additions. Fields OpenAI
+has that we do not act on are accepted and ignored, so unchanged clients keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.settings import parse_memory
+
+# ---------------------------------------------------------------- OpenAI: chat completions
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, ... accepted
+    content: str | list[ContentPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+
+    def text(self) -> str:
+        """Text content; content parts of type text are joined, other parts are rejected earlier."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content if p.type == "text")
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for part in value:
+                if part.type != "text":
+                    raise ValueError(f"content part type {part.type!r} is not supported; send type 'text'")
+        return value
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
+    logit_bias: dict[str, float] | None = None  # accepted, not applied
+    logprobs: bool | None = None  # accepted; logprobs are not returned
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
+    metadata: dict[str, str] | None = None
+    n: int | None = Field(None, ge=1, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    user: str | None = None
+    session_id: str | None = Field(None, min_length=1, max_length=200)  # extra (ours): memory mode
+    persona: str | None = Field(None, min_length=1)  # extra (ours)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+    def reply_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class CompletionUsage(BaseModel):
+    completion_tokens: int
+    prompt_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class ChatCompletionMessage(BaseModel):
+    content: str | None
+    refusal: str | None = None
+    role: Literal["assistant"] = "assistant"
+
+
+class Choice(BaseModel):
+    finish_reason: Literal["stop", "length"]
+    index: int = 0
+    logprobs: None = None
+    message: ChatCompletionMessage
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    choices: list[Choice]
+    created: int
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+    system_fingerprint: str | None = None
+    usage: CompletionUsage
+    session_id: str | None = None  # extra (ours): set in memory mode
+
+
+class ChoiceDelta(BaseModel):
+    content: str | None = None
+    role: Literal["assistant"] | None = None
+
+
+class ChunkChoice(BaseModel):
+    delta: ChoiceDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    index: int = 0
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    choices: list[ChunkChoice]
+    created: int
+    model: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    system_fingerprint: str | None = None
+    usage: CompletionUsage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    created: int
+    object: Literal["model"] = "model"
+    owned_by: str = "memento"
+    context_window: int | None = None  # extra (ours)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------- native API: sessions
+
+
+class MemoryConfig(BaseModel):
+    """`{"strategy": "window", "turns": 8}`; the strategy's own parameters are checked when it is built."""
+
+    model_config = ConfigDict(extra="allow")
+    strategy: Literal["buffer", "window", "token_buffer", "summary", "summary_buffer", "vector"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return parse_memory(self.model_dump(), source="memory")
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    persona: str | None = Field(None, min_length=1)
+    memory: MemoryConfig | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class SessionUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    persona: str | None = Field(None, min_length=1)
+    memory: MemoryConfig | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class SessionOut(BaseModel):
+    id: str
+    persona: str
+    memory: dict[str, Any]
+    created_at: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class MessageOut(BaseModel):
+    id: str
+    role: str
+    content: str
+    created_at: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class MessageCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: str = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] | str | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int
+
+
+class TurnOut(BaseModel):
+    message: MessageOut
+    usage: Usage
+
+
+class BudgetParts(BaseModel):
+    persona: int
+    memory: int
+    recent: int
+
+
+class Budget(BaseModel):
+    context_window: int
+    reserved_for_reply: int
+    used: int
+    parts: BudgetParts
+
+
+class ContextOut(BaseModel):
+    messages: list[dict[str, Any]]
+    tokens: int
+    budget: Budget
+    memory: dict[str, Any]
+    warnings: list[str] = Field(default_factory=list)  # extra (ours)

@@ -1,0 +1,183 @@
+"""One validated `Settings` for the service: env prefix `MEMENTO_`, optional `--config FILE`.
+
+Precedence, highest first: keyword arguments (the CLI's flags), `MEMENTO_*` environment
+variables, the config file (YAML, TOML or JSON; keys `model` or `MEMENTO_MODEL` alike), defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: TOML config files need 3.11+
+    tomllib = None  # type: ignore[assignment]
+
+STRATEGIES = ("buffer", "window", "token_buffer", "summary", "summary_buffer", "vector")
+LOCAL_USER = "local"  # the owner of everything when no API keys are configured
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("memento_config_file", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMENTO_", extra="forbid", validate_default=True)
+
+    # --- the public keys (DESIGN.md) ---
+    model: str = "smollm2-135m-instruct"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    data_dir: Path = Path("./data")
+    store_url: str = ""  # empty: sqlite:///<data_dir>/memento.db
+    chroma_url: str | None = None  # None: embedded Chroma under <data_dir>/chroma
+    embeddings: Literal["use-multilingual-v3", "all-minilm-l6-v2"] = "use-multilingual-v3"
+    memory: Annotated[dict[str, Any], NoDecode] = Field(default_factory=lambda: {"strategy": "summary_buffer"})
+    persona: str = "assistant"
+    persona_dir: Path | None = None
+    api_keys: Annotated[SecretStr | None, NoDecode] = None  # "key1:alice,key2:bob"; SecretStr keeps it out of logs
+
+    # --- extras (ours) ---
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    queue_size: int = Field(16, ge=1, description="requests waiting for the model beyond this get 429")
+    max_message_chars: int = Field(32_000, ge=1, description="longer user messages get 413")
+    kv_budget: int | None = Field(None, ge=0, description="bytes of KV cache kept across turns; None: engine default")
+    request_timeout: float = Field(300.0, gt=0, description="seconds a request may wait for and use the model")
+    reserve_for_reply: int = Field(512, ge=16, description="context tokens kept free for the reply")
+    max_tokens: int = Field(512, ge=1, description="default reply length limit in tokens")
+    summary_max_tokens: int = Field(256, ge=8, description="length limit of a running summary written by the model")
+    keepalive_seconds: float = Field(10.0, gt=0, description="SSE keep-alive comment interval")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _parse_memory(cls, value: Any) -> Any:
+        return parse_memory(value, source="MEMENTO_MEMORY")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _check_api_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parse_api_keys(value)  # raises with a clear message
+            return value or None
+        return value
+
+    @model_validator(mode="after")
+    def _default_store_url(self) -> Settings:
+        if not self.store_url:
+            self.store_url = f"sqlite:///{self.data_dir / 'memento.db'}"
+        return self
+
+    @property
+    def key_owners(self) -> dict[str, str]:
+        """API key -> user name; empty when auth is off."""
+        return parse_api_keys(self.api_keys.get_secret_value()) if self.api_keys else {}
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.key_owners)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _CONFIG_FILE.get()
+        if path is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, ConfigFileSource(settings_cls, path))
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from env (+ `config_file`), with `overrides` (non-None values) on top."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    token = _CONFIG_FILE.set(Path(config_file) if config_file else None)
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def parse_memory(value: Any, source: str = "memory") -> dict[str, Any]:
+    """`summary_buffer`, `{"strategy": "window", "turns": 8}` (JSON text) or a dict -> dict."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                example = '{"strategy":"window","turns":8}'
+                raise ValueError(f"{source}: not valid JSON ({exc.msg}); e.g. '{example}'") from exc
+        else:
+            value = {"strategy": text}
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: expected a strategy name or a JSON object, got {type(value).__name__}")
+    strategy = value.get("strategy")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{source}: strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+    return dict(value)
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """`key1:alice,key2:bob` -> {"key1": "alice", "key2": "bob"}. Error messages never echo keys."""
+    owners: dict[str, str] = {}
+    for i, item in enumerate(p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        key, sep, user = item.rpartition(":")
+        if not sep or not key.strip() or not user.strip():
+            raise ValueError(f"MEMENTO_API_KEYS entry #{i + 1} is not KEY:USER (format: key1:alice,key2:bob)")
+        owners[key.strip()] = user.strip()
+    return owners
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads a YAML / TOML / JSON file; keys may be `model` or `MEMENTO_MODEL`."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path):
+        super().__init__(settings_cls)
+        self.path = path
+        self.data = read_config_file(path, set(settings_cls.model_fields))
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def read_config_file(path: Path, known: set[str]) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            if tomllib is None:
+                raise ValueError(f"--config {path}: TOML needs Python 3.11+; use YAML or JSON")
+            raw = tomllib.loads(text)
+        elif suffix == ".json":
+            raw = json.loads(text)
+        else:  # YAML is a superset of JSON, so anything else is read as YAML
+            raw = yaml.safe_load(text) or {}
+    except (ValueError, yaml.YAMLError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"--config {path}: cannot parse: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings at the top level")
+    data: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).lower().removeprefix("memento_")
+        if name not in known:
+            raise ValueError(f"--config {path}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        data[name] = value
+    return data

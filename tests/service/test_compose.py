@@ -1,0 +1,49 @@
+"""docker-compose.yml: the scale-out stack's structure (parsed, not run: CI has no Docker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_services_and_wiring():
+    services = compose()["services"]
+    assert {"api", "redis", "chroma"} <= set(services)
+    api = services["api"]
+    env = api["environment"]
+    assert env["MEMENTO_STORE_URL"] == "redis://redis:6379/0"
+    assert env["MEMENTO_CHROMA_URL"] == "http://chroma:8000"
+    assert api["build"]["context"] == "."
+    for dep in ("redis", "chroma"):
+        assert api["depends_on"][dep]["condition"] == "service_healthy"
+
+
+def test_every_service_has_a_healthcheck():
+    for name, svc in compose()["services"].items():
+        test = svc.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL"), name
+    assert "/readyz" in " ".join(compose()["services"]["api"]["healthcheck"]["test"])
+
+
+def test_redis_aof_and_volumes():
+    doc = compose()
+    redis = doc["services"]["redis"]
+    cmd = redis["command"] if isinstance(redis["command"], list) else redis["command"].split()
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    named = set(doc["volumes"])
+    for svc in ("redis", "chroma", "api"):
+        volumes = doc["services"][svc]["volumes"]
+        assert any(v.split(":")[0] in named for v in volumes), svc
+
+
+def test_dockerfile_cpu_default_cuda_arg():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    assert "HEALTHCHECK" in text and "memento" in text
