@@ -1,0 +1,183 @@
+"""Next-token sampling: `SamplingParams`, the pure `sample()` function, logit processors, stop strings.
+
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=1)
+    gen = make_generator(params.seed)
+    token = sample(logits, params, gen, prev_ids)          # logits: (vocab,) float32
+
+The order of transforms follows Hugging Face `generate`: repetition penalty, then temperature,
+top-k, top-p, min-p; temperature 0 is greedy (argmax, no randomness). Randomness comes only from
+the explicit `torch.Generator`, so one seed gives one reply whatever else runs in the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# (token ids generated so far in this reply, next-token logits (vocab,) float32) -> new logits
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+    repetition_penalty: float = 1.0  # 1.0: off (HF semantics: >1 discourages repeats)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, why: str) -> ValueError:
+            return ValueError(f"SamplingParams.{name}={value!r}: {why}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if not self.temperature >= 0.0:
+            raise bad("temperature", self.temperature, "must be >= 0 (0 means greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", self.top_p, "must be in (0, 1] (1 turns it off)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", self.min_p, "must be in [0, 1] (0 turns it off)")
+        if not self.repetition_penalty > 0.0:
+            raise bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 turns it off)")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", self.seed, "must be an integer or None")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        if not all(isinstance(s, str) for s in self.stop) or any(s == "" for s in self.stop):
+            raise bad("stop", self.stop, "must be a list of non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded with `seed`, or from OS entropy when None."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def apply_repetition_penalty(logits: torch.Tensor, prev_ids: Sequence[int], penalty: float) -> torch.Tensor:
+    """HF semantics: for each distinct previous token, divide a positive logit by `penalty`,
+    multiply a negative one by it."""
+    if penalty == 1.0 or len(prev_ids) == 0:
+        return logits
+    ids = torch.tensor(sorted(set(prev_ids)), dtype=torch.long, device=logits.device)
+    picked = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits
+
+
+def mask_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties at the k-th value kept too); the rest become -inf."""
+    if k <= 0 or k >= logits.numel():
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def mask_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p (always >= 1)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    # drop a token when the mass *before* it already reaches p
+    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= p
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def mask_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's probability."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    prev_ids: Sequence[int] = (),
+) -> int:
+    """Pick the next token from `logits` (vocab,). Pure: same inputs and generator state, same token."""
+    logits = logits.float().reshape(-1)
+    logits = apply_repetition_penalty(logits, prev_ids, params.repetition_penalty)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    logits = mask_top_k(logits, params.top_k)
+    logits = mask_top_p(logits, params.top_p)
+    logits = mask_min_p(logits, params.min_p)
+    probs = torch.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def apply_processors(
+    processors: Iterable[LogitsProcessor], generated: list[int], logits: torch.Tensor
+) -> torch.Tensor:
+    for proc in processors:
+        logits = proc(generated, logits)
+    return logits
+
+
+class StopMatcher:
+    """Streams text while watching for stop strings that may straddle token boundaries.
+
+    `push(text)` returns the text that is safe to show now: anything that could still be the
+    start of a stop string is held back until the next push decides it. After a stop string is
+    seen, `stopped` is True and the text before it is the last thing returned.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.stopped = False
+        self._held = ""
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        buf = self._held + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            return buf[:cut]
+        keep = self._partial_suffix_len(buf)
+        self._held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> str:
+        """End of generation: release whatever was held back (it never became a stop string)."""
+        out, self._held = ("" if self.stopped else self._held), ""
+        return out
+
+    def _partial_suffix_len(self, buf: str) -> int:
+        """Length of the longest suffix of buf that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), best, -1):
+                if buf.endswith(s[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,147 @@
+"""Unit tests for model/sampling.py: params validation, sample() transforms, stop strings."""
+
+import pytest
+import torch
+
+from model.sampling import (
+    SamplingParams,
+    StopMatcher,
+    apply_processors,
+    apply_repetition_penalty,
+    make_generator,
+    mask_min_p,
+    mask_top_k,
+    mask_top_p,
+    sample,
+)
+
+NEG = float("-inf")
+
+
+def test_defaults_match_contract():
+    p = SamplingParams()
+    assert (p.max_tokens, p.temperature, p.top_k, p.top_p, p.min_p) == (256, 0.7, 0, 1.0, 0.0)
+    assert p.repetition_penalty == 1.0 and p.seed is None and p.stop == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"stop": ["ok", ""]}, "stop"),
+    ],
+)
+def test_bad_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**kwargs)
+
+
+def test_single_stop_string_is_wrapped():
+    assert SamplingParams(stop="\n").stop == ["\n"]
+
+
+def test_greedy_is_argmax_and_ignores_generator():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    p = SamplingParams(temperature=0.0)
+    assert sample(logits, p, None) == 1
+    assert sample(logits, p, make_generator(0)) == 1
+
+
+def test_same_seed_same_tokens_and_different_seed_differs():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    p = SamplingParams(temperature=1.0)
+
+    def draw(seed):
+        g = make_generator(seed)
+        return [sample(logits, p, g) for _ in range(20)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_top_k_mask_keeps_k_largest():
+    out = mask_top_k(torch.tensor([1.0, 5.0, 3.0, 4.0]), 2)
+    assert torch.equal(out, torch.tensor([NEG, 5.0, NEG, 4.0]))
+    g = make_generator(0)
+    p = SamplingParams(temperature=5.0, top_k=1)
+    assert {sample(torch.tensor([1.0, 5.0, 3.0, 4.0]), p, g) for _ in range(20)} == {1}
+
+
+def test_top_p_mask_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    assert torch.isfinite(mask_top_p(logits, 0.5)).tolist() == [True, False, False, False]
+    assert torch.isfinite(mask_top_p(logits, 0.7)).tolist() == [True, True, False, False]
+    assert torch.isfinite(mask_top_p(logits, 0.81)).tolist() == [True, True, True, False]
+    # order of the vocab does not matter
+    shuffled = logits[[2, 0, 3, 1]]
+    assert torch.isfinite(mask_top_p(shuffled, 0.7)).tolist() == [False, True, False, True]
+
+
+def test_min_p_mask_is_relative_to_top_probability():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    assert torch.isfinite(mask_min_p(logits, 0.5)).tolist() == [True, True, False, False]
+    assert torch.isfinite(mask_min_p(logits, 0.2)).tolist() == [True, True, True, False]
+
+
+def test_repetition_penalty_hf_semantics():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert torch.equal(out, torch.tensor([1.0, -4.0, 1.0, 0.5]))
+    assert torch.equal(logits, torch.tensor([2.0, -2.0, 1.0, 0.5]))  # input untouched
+    # greedy with a strong penalty moves off the repeated token
+    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=3.0), None, [0]) == 2
+
+
+def test_processors_are_applied_in_order():
+    def ban_first(generated, logits):
+        return logits.index_fill(0, torch.tensor([0]), NEG)
+
+    seen = []
+
+    def spy(generated, logits):
+        seen.append(list(generated))
+        return logits
+
+    out = apply_processors([spy, ban_first], [4, 5], torch.tensor([9.0, 1.0]))
+    assert seen == [[4, 5]] and out[0] == NEG
+
+
+def feed(matcher, pieces):
+    return [matcher.push(p) for p in pieces]
+
+
+def test_stop_matcher_cuts_across_token_boundaries():
+    m = StopMatcher(["\nUser:"])
+    out = feed(m, ["Hello", " there\n", "Us", "er", ": hi"])
+    assert "".join(out) == "Hello there"
+    assert m.stopped
+    assert out[1] == " there"  # the newline is held back while it could start the stop string
+    assert m.push("more") == "" and m.flush() == ""
+
+
+def test_stop_matcher_releases_false_alarm():
+    m = StopMatcher(["END"])
+    out = feed(m, ["the E", "N", "D", "X"])
+    assert "".join(out) == "the "
+    m = StopMatcher(["END"])
+    out = feed(m, ["the E", "N", "O"])
+    assert "".join(out) == "the ENO" and not m.stopped
+    m = StopMatcher(["END"])
+    assert m.push("tail E") == "tail " and m.flush() == "E"
+
+
+def test_stop_matcher_earliest_of_several_stops():
+    m = StopMatcher(["bb", "a"])
+    assert m.push("xxbba") == "xx"
+
+
+def test_stop_matcher_without_stops_passes_through():
+    m = StopMatcher([])
+    assert m.push("abc") == "abc" and m.flush() == ""
