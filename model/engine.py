@@ -278,7 +278,9 @@ class Engine:
 
         def finish(reason: str, tail: bool = True):
             self._truncate(entry, len(entry.tokens) - len(draft))  # drop unconfirmed draft KV
-            return reason, generated, (stops.push(detok.flush()) + stops.flush()) if tail else ""
+            # a character cut in half by max_tokens would flush as U+FFFD: never show it
+            rest = detok.flush().rstrip("\ufffd")
+            return reason, generated, (stops.push(rest) + stops.flush()) if tail else ""
 
         while True:
             if should_stop is not None and should_stop():

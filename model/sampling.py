@@ -98,6 +98,7 @@ def mask_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     # drop a token when the mass *before* it already reaches p
     drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= p
+    drop_sorted[0] = False  # a p below float32's smallest value would otherwise drop every token
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -121,7 +122,9 @@ def sample(
     logits = apply_repetition_penalty(logits, prev_ids, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    # Shift so the top logit is 0, divide in float64 (a temperature like 1e-300 is 0 in float32):
+    # a tiny temperature then gives -inf for the others, never NaN, and the top token survives.
+    logits = ((logits - logits.max()).double() / params.temperature).float()
     logits = mask_top_k(logits, params.top_k)
     logits = mask_top_p(logits, params.top_p)
     logits = mask_min_p(logits, params.min_p)

@@ -33,7 +33,6 @@ from service.worker import Job
 
 log = logging.getLogger("memento.conversation")
 
-GREEDY_BELOW = 1e-4  # temperature or top_p below this is sampled greedily
 REPAIR_MAX_TOKENS = 48  # one regenerated sentence when repairing the register
 SENTENCE_END = re.compile(r"[.!?。…]+|\n")
 
@@ -267,9 +266,6 @@ class Conversations:
 
         temperature = 0.7 if sampling.temperature is None else sampling.temperature
         top_p = 1.0 if sampling.top_p is None else sampling.top_p
-        if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW:
-            # that close to 0 only the top token can win; dividing logits by ~0 would give inf/NaN
-            temperature, top_p = 0.0, 1.0
         params = SamplingParams(
             max_tokens=min(sampling.max_tokens or prep.max_tokens, prep.max_tokens),
             temperature=temperature,
@@ -291,10 +287,9 @@ class Conversations:
         for ev in events:
             if first_token_at is None and ev.token_id is not None:
                 first_token_at = time.monotonic()
-            text = ev.text.rstrip("\ufffd") if ev.finished else ev.text  # a character cut by max_tokens
-            if text:
-                pieces.append(text)
-                job.emit(text)
+            if ev.text:
+                pieces.append(ev.text)
+                job.emit(ev.text)
             if ev.finished:
                 return self._finish(job, prep, "".join(pieces), ev, first_token_at, params, guard)
         raise RuntimeError("the engine ended without a final event")
@@ -311,6 +306,7 @@ class Conversations:
             cached=usage["cached_tokens"],
             completion=usage["completion_tokens"],
             reason=ev.finish_reason,
+            queue_wait=(job.started - job.submitted) if job.started is not None else None,
         )
         regenerate = self._regenerator(prep, params, guard) if guard is not None else None
         text, register_meta = register.post_check(prep.persona, text, self.rt.metrics, regenerate)
@@ -343,6 +339,8 @@ class Conversations:
             metadata["reminded"] = True
         if result.finish_reason == "cancelled":
             metadata["interrupted"] = True
+        if prep.ctx is not None and prep.ctx.warnings:  # e.g. vector memory down: the client sees why
+            metadata["warnings"] = list(prep.ctx.warnings)
         return self.store.append_message(prep.session.id, "assistant", result.text, metadata)
 
     # ------------------------------------------------------------------ the context inspector

@@ -294,6 +294,13 @@ def test_logits_processor_forces_tokens_and_stop_string_cuts(lm):
     assert out.token_ids == forced[:5] and out.text == tok.decode(forced[:5]) and out.finish_reason == "length"
 
 
+def test_character_cut_by_max_tokens_is_not_shown_as_replacement(lm):
+    forced = lm.tokenizer.encode("안녕")  # 6 byte tokens: 4 of them end mid-character
+    out = Engine(lm).complete(ids(10, 44), SamplingParams(temperature=0.9, max_tokens=4),
+                              logits_processors=[Spy(force=forced)])
+    assert out.finish_reason == "length" and out.text == "안"
+
+
 def test_eos_finishes_with_stop(lm):
     eos = next(iter(lm.tokenizer.eos_ids))
     out = Engine(lm).complete(ids(10, 43), GREEDY, logits_processors=[Spy(force=[eos])])

@@ -145,3 +145,9 @@ def test_stop_matcher_earliest_of_several_stops():
 def test_stop_matcher_without_stops_passes_through():
     m = StopMatcher([])
     assert m.push("abc") == "abc" and m.flush() == ""
+
+
+def test_near_zero_temperature_and_top_p_pick_the_top_token():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    for params in (SamplingParams(temperature=5e-324), SamplingParams(temperature=1e-30), SamplingParams(temperature=0.7, top_p=5e-324)):
+        assert sample(logits, params, make_generator(0)) == 1
