@@ -11,6 +11,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 60)
 TPS_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 400, 800)
 
 
@@ -26,6 +27,9 @@ class Metrics:
         self.rejected = Counter("memento_queue_rejected", "requests refused with 429 (queue full)", registry=r)
         self.ttft = Histogram(
             "memento_time_to_first_token_seconds", "submit to first token", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "memento_queue_wait_seconds", "submit to picked by the model worker", buckets=QUEUE_BUCKETS, registry=r
         )
         self.tokens_per_second = Histogram(
             "memento_decode_tokens_per_second", "completion tokens / decode time", buckets=TPS_BUCKETS, registry=r
@@ -50,8 +54,11 @@ class Metrics:
         self.worker_busy.set_function(lambda: 1.0 if busy() else 0.0)
 
     def record_generation(
-        self, *, ttft: float | None, decode_seconds: float, prompt: int, cached: int, completion: int, reason: str
+        self, *, ttft: float | None, decode_seconds: float, prompt: int, cached: int, completion: int, reason: str,
+        queue_wait: float | None = None,
     ) -> None:
+        if queue_wait is not None:
+            self.queue_wait.observe(queue_wait)
         if ttft is not None:
             self.ttft.observe(ttft)
         if completion > 1 and decode_seconds > 0:

@@ -47,6 +47,7 @@ class Job:
         self.cancel_event = threading.Event()
         self.deadline = deadline
         self.submitted = time.monotonic()
+        self.started: float | None = None  # when the worker picked it up (queue wait = started - submitted)
         self._emit = emit
 
     def emit(self, item: Any) -> None:
@@ -143,7 +144,7 @@ class EngineWorker:
                 job.future.set_exception(JobCancelled("cancelled before it started"))
                 continue
             self._busy = True
-            started = time.monotonic()
+            started = job.started = time.monotonic()
             try:
                 job.future.set_result(job.fn(job))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting request

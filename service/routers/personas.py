@@ -50,7 +50,9 @@ async def put_persona(name: str, request: Request, rt: RuntimeDep, user: UserDep
 @router.delete("/{name}", status_code=204)
 async def delete_persona(name: str, rt: RuntimeDep, user: UserDep) -> Response:
     from persona.errors import PersonaError, PersonaNotFound
+    from persona.schema import check_name
 
+    check_name(name)  # an invalid name is the caller's 422 (below, any PersonaError means read-only)
     try:
         await run_in_threadpool(rt.personas.delete, name)
     except PersonaNotFound:
