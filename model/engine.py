@@ -187,7 +187,15 @@ class Engine:
 
     def _locked(self, *args) -> Iterator[GenerationEvent]:
         with self._lock:
-            yield from self._generate(*args)
+            for ev in self._generate(*args):
+                if ev.finished:
+                    break
+                yield ev
+            else:
+                return
+        # The final event goes out after the lock is released: consumers stop reading at it, and
+        # a generator left suspended would hold the lock until garbage collection.
+        yield ev
 
     def complete(
         self,

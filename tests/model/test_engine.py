@@ -342,6 +342,17 @@ def test_one_generation_at_a_time(lm):
     assert got and got[0].finish_reason in ("stop", "length")
 
 
+def test_lock_is_free_once_the_final_event_is_read(lm):
+    eng = Engine(lm)
+    for ev in eng.generate(ids(10, 47), GREEDY, session_id="a"):
+        if ev.finished:
+            break  # as the service and complete() do: the generator stays suspended
+    t = threading.Thread(target=eng.drop_session, args=("a",))
+    t.start()
+    t.join(5)
+    assert not t.is_alive() and eng.session_tokens("a") is None
+
+
 @pytest.mark.slow
 def test_compiled_decode_equals_eager(lm):
     params = SamplingParams(temperature=0, max_tokens=10)
