@@ -9,6 +9,8 @@ One process, same GGUF, same dtype, same prompts, greedy, batch 1:
   lengths match);
   ours as configured by default (greedy verifies prompt-lookup drafts, same output) and with
   speculation off (one token per forward);
+  and with weights kept quantized ("ours (quantized weights, fp32 compute)", model/qlinear.py),
+  eager and with the one-token step torch.compile'd (Engine(compile=True), no drafts);
 - TTFT at turns 1, 10, 20, 30 of a scripted chat: ours with session reuse (the KV cache of the
   previous turns is kept), ours without, and transformers re-prefilling the whole history
   (its fair use: `generate` keeps no cache between calls).
@@ -130,7 +132,22 @@ def load_hf(lm):
 # ---- sections -------------------------------------------------------------------------------------
 
 
-def throughput(lm, hf, eos) -> dict:
+def load_quantized(lm):
+    """The same GGUF with weights kept as integers (model/qlinear.py), kernels compiled up front;
+    None where that mode has nothing to add (not a GGUF on CPU in float32)."""
+    from model.qlinear import QLinear, warm_up
+    from model.registry import load_model
+
+    if not str(lm.path).endswith(".gguf") or lm.device.type != "cpu" or lm.dtype != torch.float32:
+        return None
+    if any(isinstance(m, QLinear) for m in lm.model.modules()):
+        return None  # the main row is quantized already (MEMENTO_WEIGHTS=quantized)
+    lq = load_model(lm.path, device=lm.device, dtype=lm.dtype, progress=False, weights="quantized")
+    warm_up(lq.model)
+    return lq
+
+
+def throughput(lm, hf, eos, lq=None) -> dict:
     tok = lm.tokenizer
     text = " ".join(f"{user_message(i)} {SYSTEM}" for i in range(20))
     prompt = tok.encode(text)[:PREFILL_TOKENS]
@@ -140,13 +157,19 @@ def throughput(lm, hf, eos) -> dict:
                                      {"role": "user", "content": "Tell me a short story about a lighthouse keeper."}])
     out: dict = {"prefill_prompt_tokens": len(prompt), "decode_tokens": DECODE_TOKENS}
     eng, plain = Engine(lm), Engine(lm, speculate=0)  # plain: one token per forward, the raw cost
+    qeng = Engine(lq) if lq is not None else None  # quantized weights, same engine settings as `eng`
+    # and the whole one-token step compiled (Inductor fuses everything; ~2 min to compile on 2 cores)
+    qcomp = Engine(lq, compile=True, compile_capacity=1024) if lq is not None else None
     ours_stream_times(eng, short, 4, eos=eos)  # warm-up
+    if qeng is not None:
+        ours_stream_times(qeng, short, 4, eos=eos)
+        ours_stream_times(qcomp, short, 4, eos=eos)
     if hf is not None:
         hf_generate(hf, short, 4, eos)
     # interleaved rounds, so that both sides see the same machine load; medians at the end
     runs: dict[str, list[float]] = {}
     for _ in range(REPEATS):
-        for key, fn in timed_runs(lm, hf, eng, plain, prompt, short, eos).items():
+        for key, fn in timed_runs(lm, hf, eng, plain, prompt, short, eos, qeng, qcomp).items():
             runs.setdefault(key, []).append(fn())
     for key, values in runs.items():
         out[key] = statistics.median(values)
@@ -157,11 +180,22 @@ def throughput(lm, hf, eos) -> dict:
         # same weights, same greedy decoding: the tokens must agree too
         ours_ids = Engine(lm).complete(short, SamplingParams(temperature=0, max_tokens=16),
                                        logits_processors=[ban(eos)]).token_ids
-        out["same_greedy_tokens"] = ours_ids == hf_generate(hf, short, 16, eos)
+        hf_ids = hf_generate(hf, short, 16, eos)
+        out["same_greedy_tokens"] = ours_ids == hf_ids
+        if qeng is not None:
+            out["quantized_decode_ratio"] = out["ours_quantized_decode_tok_s"] / out["hf_decode_tok_s"]
+            out["quantized_compiled_decode_ratio"] = (out["ours_quantized_compiled_decode_tok_s"]
+                                                      / out["hf_decode_tok_s"])
+            q_ids = Engine(lq).complete(short, SamplingParams(temperature=0, max_tokens=16),
+                                        logits_processors=[ban(eos)]).token_ids
+            out["quantized_same_greedy_tokens"] = q_ids == hf_ids
+            c_ids = qcomp.complete(short, SamplingParams(temperature=0, max_tokens=16),
+                                   logits_processors=[ban(eos)]).token_ids
+            out["quantized_compiled_same_greedy_tokens"] = c_ids == hf_ids
     return out
 
 
-def timed_runs(lm, hf, eng, plain, prompt, short, eos) -> dict[str, Callable[[], float]]:
+def timed_runs(lm, hf, eng, plain, prompt, short, eos, qeng=None, qcomp=None) -> dict[str, Callable[[], float]]:
     """One measurement each: name -> function returning tokens/s."""
     n = DECODE_TOKENS
     runs = {
@@ -169,6 +203,10 @@ def timed_runs(lm, hf, eng, plain, prompt, short, eos) -> dict[str, Callable[[],
         "ours_decode_tok_s": lambda: ours_stream_times(eng, short, n, eos=eos)[1],
         "ours_plain_decode_tok_s": lambda: ours_stream_times(plain, short, n, eos=eos)[1],
     }
+    if qeng is not None:
+        runs["ours_quantized_decode_tok_s"] = lambda: ours_stream_times(qeng, short, n, eos=eos)[1]
+    if qcomp is not None:
+        runs["ours_quantized_compiled_decode_tok_s"] = lambda: ours_stream_times(qcomp, short, n, eos=eos)[1]
     if hf is not None:
         runs["hf_prefill_tok_s"] = lambda: len(prompt) / median_time(lambda: hf_generate(hf, prompt, 1, eos), 1)
         runs["hf_decode_tok_s"] = lambda: (n - 1) / (
@@ -285,6 +323,7 @@ def run_bench(
     json_out: bool = False,
     compare_hf: bool = True,
     gpu: bool = True,
+    quantized: bool = True,
 ) -> dict:
     """Run every section and return the numbers; with json_out, also print them as JSON on stdout.
     Progress goes to stderr."""
@@ -304,7 +343,10 @@ def run_bench(
     result["transformers"] = "compared" if hf is not None else "skipped (not importable, or dtype is not float32)"
     eos = set(lm.tokenizer.eos_ids)
     say("prefill / decode throughput")
-    result["throughput"] = throughput(lm, hf, eos)
+    lq = load_quantized(lm) if quantized else None
+    if lq is not None:
+        say("quantized weights loaded and compiled (model/qlinear.py)")
+    result["throughput"] = throughput(lm, hf, eos, lq)
     say(f"scripted conversation, TTFT at turns {turns}")
     result["ttft"] = conversation_ttft(lm, hf, turns)
     t, c = result["throughput"], result["ttft"]
@@ -330,15 +372,23 @@ def print_table(result: dict, file=None) -> None:
     p = lambda *a: print(*a, file=file)  # noqa: E731
     t = result["throughput"]
     p(f"model {result['model']}  device {result['device']}  dtype {result['dtype']}  threads {result['threads']}")
-    p(f"{'':24}{'ours':>10}{'transformers':>14}{'ratio':>8}")
-    p(f"{'prefill tok/s':24}{_fmt(t['ours_prefill_tok_s']):>10}{_fmt(t.get('hf_prefill_tok_s')):>14}"
+    p(f"{'':40}{'ours':>10}{'transformers':>14}{'ratio':>8}")
+    p(f"{'prefill tok/s':40}{_fmt(t['ours_prefill_tok_s']):>10}{_fmt(t.get('hf_prefill_tok_s')):>14}"
       f"{_fmt(t.get('prefill_ratio'), '.2f'):>8}")
-    p(f"{'decode tok/s':24}{_fmt(t['ours_decode_tok_s']):>10}{_fmt(t.get('hf_decode_tok_s')):>14}"
+    p(f"{'decode tok/s':40}{_fmt(t['ours_decode_tok_s']):>10}{_fmt(t.get('hf_decode_tok_s')):>14}"
       f"{_fmt(t.get('decode_ratio'), '.2f'):>8}")
-    p(f"{'  without lookup drafts':24}{_fmt(t['ours_plain_decode_tok_s']):>10}{'':>14}"
+    p(f"{'  without lookup drafts':40}{_fmt(t['ours_plain_decode_tok_s']):>10}{'':>14}"
       f"{_fmt(t.get('plain_decode_ratio'), '.2f'):>8}")
+    if "ours_quantized_decode_tok_s" in t:
+        p(f"{'ours (quantized weights, fp32 compute)':40}{_fmt(t['ours_quantized_decode_tok_s']):>10}{'':>14}"
+          f"{_fmt(t.get('quantized_decode_ratio'), '.2f'):>8}")
+    if "ours_quantized_compiled_decode_tok_s" in t:
+        p(f"{'  compiled one-token step':40}{_fmt(t['ours_quantized_compiled_decode_tok_s']):>10}"
+          f"{'':>14}{_fmt(t.get('quantized_compiled_decode_ratio'), '.2f'):>8}")
     if "same_greedy_tokens" in t:
-        p(f"same greedy tokens as transformers: {t['same_greedy_tokens']}")
+        p(f"same greedy tokens as transformers: {t['same_greedy_tokens']}"
+          + (f"  (quantized weights: {t['quantized_same_greedy_tokens']}, compiled step: "
+             f"{t['quantized_compiled_same_greedy_tokens']})" if "quantized_same_greedy_tokens" in t else ""))
     c = result["ttft"]
     p("")
     p(f"{'TTFT (ms)':10}{'prompt':>8}{'cached':>8}{'ours reuse':>12}{'ours fresh':>12}{'transformers':>14}")

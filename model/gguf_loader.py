@@ -22,6 +22,7 @@ import torch
 from model.config import ModelArgs, ModelLoadError
 from model.dequant import SUPPORTED_TYPES, dequantize
 from model.gguf_meta import GGUFHeader, read_header
+from model.qlinear import QUANTIZED_TYPES, QWeight, permute_rows, split_blocks
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
@@ -130,6 +131,16 @@ def _read_tensor(header: GGUFHeader, info: Any) -> torch.Tensor:
     return dequantize(raw, info.ggml_type, info.shape)
 
 
+def _read_quantized(header: GGUFHeader, info: Any, ours: str, args: ModelArgs, arch: str) -> QWeight:
+    """A quantized 2-D tensor as QWeight, with the same Q/K row un-permutation as the float path."""
+    raw = np.memmap(header.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.n_bytes,))
+    qw = split_blocks(raw, info.ggml_type, tuple(info.shape))
+    if arch == "llama" and ours.split(".")[-2] in ("wq", "wk"):
+        n_heads = args.n_heads if ".wq." in ours else args.n_kv_heads
+        qw = permute_rows(qw, lambda t: _unpermute(t, n_heads))
+    return qw
+
+
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation (interleaved pairs -> rotate_half halves) per head."""
     rows = w.shape[0]
@@ -156,8 +167,11 @@ def progress_iter(items: Iterable[T], total: int, description: str, enabled: boo
 
 def read_gguf(path: str | Path, max_seq_len: int | None = None, progress: bool = False,
               dtype: torch.dtype = torch.float32,
-              header: GGUFHeader | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+              header: GGUFHeader | None = None, weights: str = "float") -> tuple[ModelArgs, dict[str, Any]]:
     """ModelArgs and our-named CPU tensors (cast to `dtype` one by one to bound peak memory).
+
+    weights="quantized": 2-D tensors of a type model/qlinear.py handles stay integers, returned as
+    `QWeight` (q, d, m) instead of float tensors (see QLinear); the rest are dequantized as usual.
 
     Raises ModelLoadError for a missing/truncated file, unknown architecture or quant type.
     """
@@ -171,13 +185,18 @@ def read_gguf(path: str | Path, max_seq_len: int | None = None, progress: bool =
                 f"{path}: tensor {info.name!r} uses quantization type {info.ggml_type.name}, which we cannot "
                 f"dequantize (supported: {names}); use a file quantized with a supported type"
             )
-    state: dict[str, torch.Tensor] = {}
+    if weights not in ("float", "quantized"):
+        raise ValueError(f"read_gguf: weights must be 'float' or 'quantized', got {weights!r}")
+    state: dict[str, Any] = {}
     tensors = [t for t in header.tensors if t.name != "rope_freqs.weight"]
     arch = header.metadata["general.architecture"]
     for info in progress_iter(tensors, len(tensors), f"loading {path.name}", progress):
         ours = gguf_name_to_ours(info.name)
         if ours is None:
             raise ModelLoadError(f"{path}: unexpected tensor {info.name!r} for architecture {arch!r}")
+        if weights == "quantized" and info.ggml_type in QUANTIZED_TYPES and len(info.shape) == 2:
+            state[ours] = _read_quantized(header, info, ours, args, arch)  # stays integers (QLinear)
+            continue
         w = _read_tensor(header, info)
         if arch == "llama" and ours.split(".")[-2] in ("wq", "wk"):
             w = _unpermute(w, args.n_heads if ".wq." in ours else args.n_kv_heads)

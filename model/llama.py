@@ -131,7 +131,7 @@ class Transformer(nn.Module):
     # -- shared machinery ---------------------------------------------------------------------
     def tie_weights(self) -> None:
         """Re-share the head with the embedding (needed again after load_state_dict(assign=True))."""
-        if self.args.tie_embeddings:
+        if self.args.tie_embeddings and isinstance(self.tok_embeddings, nn.Embedding):  # not QEmbedding
             self.output.weight = self.tok_embeddings.weight
 
     def inv_freq(self, layer_type: str, device: torch.device) -> torch.Tensor:
@@ -144,7 +144,7 @@ class Transformer(nn.Module):
     def new_cache(self, capacity: int = 0, static: bool = False, chunk: int = 256,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache matching this model (device/dtype default to the weights')."""
-        w = self.tok_embeddings.weight
+        w = self.norm.weight  # float even when the embedding is quantized (model/qlinear.py)
         a = self.args
         return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=dtype or w.dtype, device=device or w.device,
                        capacity=capacity, max_capacity=a.max_seq_len, chunk=chunk, static=static)

@@ -24,6 +24,7 @@ from model.config import ModelArgs, ModelLoadError
 
 __all__ = ["BUILTIN_MODELS", "LoadedModel", "ModelLoadError", "build_model", "load_model", "load_weights"]
 
+WEIGHT_MODES = ("float", "quantized")  # load_model(weights=...): see model/qlinear.py
 DEFAULT_MAX_SEQ_LEN = 8192  # cap on the usable context so the KV cache fits in memory
 
 GEMMA_FILE = "gemma-3-270m-Q4_K_M.gguf"
@@ -57,7 +58,11 @@ def model_class(args: ModelArgs) -> type[nn.Module]:
 
 def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, source: str | Path = "<state>") -> nn.Module:
-    """Instantiate on the meta device, then adopt `state` (our names) with assign=True."""
+    """Instantiate on the meta device, then adopt `state` (our names) with assign=True.
+    `QWeight` values (weights="quantized") become QLinear / QEmbedding modules instead."""
+    from model.qlinear import QWeight, install_quantized
+
+    quantized = {k: v for k, v in state.items() if isinstance(v, QWeight)}
     with torch.device("meta"):
         model = model_class(args)(args)
     expected = set(model.state_dict())
@@ -75,9 +80,11 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device: torch.d
         want = tuple(model.get_parameter(name).shape)
         if tuple(t.shape) != want:
             raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {want}")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k not in quantized}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    if quantized:  # replaces the still-meta Linear/Embedding modules (and a tied head)
+        install_quantized(model, quantized, device, dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -189,9 +196,20 @@ def resolve_spec(spec: str | Path, data_dir: str | Path = "./data", progress: bo
 
 
 # -- loading ------------------------------------------------------------------------------------
+def resolve_weights(weights: str | None) -> str:
+    """None -> $MEMENTO_WEIGHTS or "float". "quantized" keeps GGUF integers (model/qlinear.py)."""
+    weights = weights or os.environ.get("MEMENTO_WEIGHTS") or "float"
+    if weights not in WEIGHT_MODES:
+        raise ModelLoadError(f"weights {weights!r} (argument or MEMENTO_WEIGHTS) is not supported; "
+                             f"use one of: {', '.join(WEIGHT_MODES)}")
+    return weights
+
+
 def load_weights(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-                 max_seq_len: int | None = None, progress: bool = False) -> tuple[ModelArgs, nn.Module]:
-    """Model only (no tokenizer) from a .gguf file or an HF directory."""
+                 max_seq_len: int | None = None, progress: bool = False,
+                 weights: str | None = None) -> tuple[ModelArgs, nn.Module]:
+    """Model only (no tokenizer) from a .gguf file or an HF directory. `weights`: see
+    resolve_weights; an HF directory has no quantized tensors, so it always loads as float."""
     from model.gguf_loader import read_gguf
     from model.hf_loader import read_hf_dir
 
@@ -200,7 +218,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu", dtype: st
     if path.is_dir():
         args, state = read_hf_dir(path)
     elif path.is_file() or path.suffix == ".gguf":
-        args, state = read_gguf(path, progress=progress, dtype=dt)
+        args, state = read_gguf(path, progress=progress, dtype=dt, weights=resolve_weights(weights))
     else:
         raise ModelLoadError(f"{path}: model file or directory not found; check the path")
     args.max_seq_len = max_seq_len or min(args.context_length, DEFAULT_MAX_SEQ_LEN)
@@ -224,15 +242,16 @@ def _load_tokenizer(path: Path) -> Any:
 
 def load_model(spec: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                data_dir: str | Path = "./data", progress: bool = True,
-               max_seq_len: int | None = None) -> LoadedModel:
-    """Weights + tokenizer for a built-in name, a .gguf file or an HF directory, ready for inference."""
+               max_seq_len: int | None = None, weights: str | None = None) -> LoadedModel:
+    """Weights + tokenizer for a built-in name, a .gguf file or an HF directory, ready for inference.
+    weights="quantized" (or MEMENTO_WEIGHTS=quantized) keeps GGUF integers: faster CPU decode."""
     name, path = resolve_spec(spec, data_dir, progress)
     t0 = time.perf_counter()
-    args, model = load_weights(path, device, dtype, max_seq_len, progress)
+    args, model = load_weights(path, device, dtype, max_seq_len, progress, weights)
     tokenizer = _load_tokenizer(path)
     if progress:
         print(f"loaded {name} ({args.family}, {args.n_layers} layers, context {args.max_seq_len}) "
               f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    w = model.tok_embeddings.weight
+    w = model.norm.weight  # a plain float parameter even when the embedding is quantized
     return LoadedModel(name=name, args=args, model=model, tokenizer=tokenizer, context_window=args.max_seq_len,
                        device=w.device, dtype=w.dtype, path=path)
