@@ -39,8 +39,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from memory.redis_keys import RedisKeys
-from memory.store import SessionExists, SessionNotFound, StoreError, StoreUnavailable, check_message, to_json
-from memory.types import Message, Session, new_id, now_iso
+from memory.store import SessionExists, SessionNotFound, StoreError, StoreUnavailable, new_message, to_json
+from memory.types import Message, Session, new_id
 
 # Server replies that mean "Redis is there but cannot serve us right now" (-> HTTP 503).
 _UNAVAILABLE_REPLIES = ("MISCONF", "READONLY", "OOM", "LOADING", "MASTERDOWN", "NOAUTH", "BUSY")
@@ -272,15 +272,7 @@ class RedisStore:
         message_id: str | None = None,
     ) -> Message:
         """Append atomically; acknowledged = on the server (see module doc for fsync). Raises SessionNotFound."""
-        check_message(role, content)
-        msg = Message(
-            id=message_id or new_id("msg"),
-            session_id=session_id,
-            role=role,
-            content=content,
-            created_at=now_iso(),
-            metadata=metadata or {},
-        )
+        msg = new_message(session_id, role, content, metadata, message_id)
         body = json.dumps(
             {
                 "id": msg.id,

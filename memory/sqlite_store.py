@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from memory.store import SessionExists, SessionNotFound, StoreError, StoreUnavailable, check_message, to_json
+from memory.store import SessionExists, SessionNotFound, StoreError, StoreUnavailable, new_message, to_json
 from memory.types import Message, Session, new_id, now_iso
 
 SCHEMA_VERSION = 1
@@ -298,15 +298,7 @@ class SQLiteStore:
         message_id: str | None = None,
     ) -> Message:
         """Append and commit (fsync'd) before returning. Raises SessionNotFound."""
-        check_message(role, content)
-        msg = Message(
-            id=message_id or new_id("msg"),
-            session_id=session_id,
-            role=role,
-            content=content,
-            created_at=now_iso(),
-            metadata=metadata or {},
-        )
+        msg = new_message(session_id, role, content, metadata, message_id)
         meta = to_json("message metadata", msg.metadata)
         with self._write("append_message") as db:
             if not db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():

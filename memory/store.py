@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from memory.types import Message, Session
+from memory.types import Message, Session, new_id, now_iso
 
 
 class StoreError(Exception):
@@ -43,6 +43,21 @@ def check_message(role: str, content: str) -> None:
         raise ValueError(f"message role {role!r} is not supported: use one of {', '.join(ROLES)}")
     if not isinstance(content, str):
         raise ValueError(f"message content must be a string, got {type(content).__name__}")
+
+
+def new_message(
+    session_id: str, role: str, content: str, metadata: dict[str, Any] | None = None, message_id: str | None = None
+) -> Message:
+    """A checked Message ready to append: id (unless the caller retries with its own) and timestamp set here."""
+    check_message(role, content)
+    return Message(
+        id=message_id or new_id("msg"),
+        session_id=session_id,
+        role=role,
+        content=content,
+        created_at=now_iso(),
+        metadata=metadata or {},
+    )
 
 
 def to_json(field: str, value: Any) -> str:
