@@ -35,6 +35,19 @@ _HANGUL_RE = re.compile(r"[\uac00-\ud7a3]")
 # ---------------------------------------------------------------- PNG chunks
 
 
+# The V2 card's free-text fields that map onto a persona.
+CARD_TEXT_FIELDS = (
+    "description",
+    "personality",
+    "scenario",
+    "first_mes",
+    "mes_example",
+    "system_prompt",
+    "post_history_instructions",
+    "creator_notes",
+)
+
+
 def png_chunks(data: bytes, source: str = "<png>") -> list[tuple[bytes, bytes]]:
     """All (type, payload) chunks of a PNG, CRC-checked."""
     if not data.startswith(PNG_SIGNATURE):
@@ -127,16 +140,7 @@ def parse_card_json(text: str | bytes, source: str = "<card>") -> dict:
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         raise CardError("card has no character name", file=source, field="data.name", fix="set data.name")
-    for key in (
-        "description",
-        "personality",
-        "scenario",
-        "first_mes",
-        "mes_example",
-        "system_prompt",
-        "post_history_instructions",
-        "creator_notes",
-    ):
+    for key in CARD_TEXT_FIELDS:
         if data.get(key) is not None and not isinstance(data[key], str):
             raise CardError(f"must be text, got {type(data[key]).__name__}", file=source, field=f"data.{key}")
     return card
@@ -225,19 +229,7 @@ def card_slug(card: dict, fallback: str | None = None) -> str:
 def card_to_persona(card: dict, name: str | None = None, source: str = "<card>") -> Persona:
     """Map a validated card (see `parse_card_json`) to a Persona called `name` (default: from the card)."""
     d = card["data"]
-    text = {
-        k: _legacy_macros(d.get(k) or "")
-        for k in (
-            "description",
-            "personality",
-            "scenario",
-            "first_mes",
-            "mes_example",
-            "system_prompt",
-            "post_history_instructions",
-            "creator_notes",
-        )
-    }
+    text = {k: _legacy_macros(d.get(k) or "") for k in CARD_TEXT_FIELDS}
     ext = (d.get("extensions") or {}).get("memento") or {}
     blob = text["description"] + text["first_mes"]
     fields: dict[str, Any] = {
