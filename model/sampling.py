@@ -47,8 +47,8 @@ class SamplingParams:
             raise bad("min_p", self.min_p, "must be in [0, 1] (0 turns it off)")
         if not self.repetition_penalty > 0.0:
             raise bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 turns it off)")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "must be an integer or None")
+        if self.seed is not None and not (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64):
+            raise bad("seed", self.seed, "must be None or an integer in [-2**63, 2**64) (torch.Generator's range)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)

@@ -62,7 +62,7 @@ class ChatCompletionRequest(BaseModel):
     metadata: dict[str, str] | None = None
     n: int | None = Field(None, ge=1, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -208,7 +208,7 @@ class MessageCreate(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     stop: list[str] | str | None = None
 
     def stop_list(self) -> list[str]:

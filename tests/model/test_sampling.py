@@ -35,6 +35,8 @@ def test_defaults_match_contract():
         ({"min_p": 2.0}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"stop": ["ok", ""]}, "stop"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"seed": 2**64}, "seed"),
     ],
 )
 def test_bad_params_name_the_field(kwargs, field):

@@ -85,6 +85,9 @@ def test_validation_errors_name_the_field(app):
     r = c.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "hi"}]})
     assert r.status_code == 422 and r.json()["error"]["param"] == "messages[0].role"
 
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "seed": -(2**63) - 1})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "seed"  # found by fuzzing: was a 500
+
     r = c.post("/v1/sessions", json={"memory": {"strategy": "window", "turns": 0}})
     assert r.status_code == 422 and r.json()["error"]["param"] == "memory.turns"
 
