@@ -39,8 +39,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from memory.redis_keys import RedisKeys
-from memory.store import SessionExists, SessionNotFound, StoreError, StoreUnavailable, new_message, to_json
-from memory.types import Message, Session, new_id
+from memory.store import (
+    SessionExists,
+    SessionNotFound,
+    StoreError,
+    StoreUnavailable,
+    new_message,
+    new_session,
+    to_json,
+)
+from memory.types import Message, Session
 
 # Server replies that mean "Redis is there but cannot serve us right now" (-> HTTP 503).
 _UNAVAILABLE_REPLIES = ("MISCONF", "READONLY", "OOM", "LOADING", "MASTERDOWN", "NOAUTH", "BUSY")
@@ -187,13 +195,7 @@ class RedisStore:
         metadata: dict[str, Any] | None = None,
         session_id: str | None = None,
     ) -> Session:
-        session = Session(
-            id=session_id or new_id("sess"),
-            owner=owner,
-            persona=persona,
-            memory=memory,
-            metadata=metadata or {},
-        )
+        session = new_session(owner, persona, memory, metadata, session_id)
         text = self._session_json(session)
         k = self.keys
         with self._errors("create_session"):

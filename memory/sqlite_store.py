@@ -28,8 +28,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from memory.store import SessionExists, SessionNotFound, StoreError, StoreUnavailable, new_message, to_json
-from memory.types import Message, Session, new_id, now_iso
+from memory.store import (
+    SessionExists,
+    SessionNotFound,
+    StoreError,
+    StoreUnavailable,
+    new_message,
+    new_session,
+    to_json,
+)
+from memory.types import Message, Session, now_iso
 
 SCHEMA_VERSION = 1
 
@@ -214,13 +222,7 @@ class SQLiteStore:
         metadata: dict[str, Any] | None = None,
         session_id: str | None = None,
     ) -> Session:
-        session = Session(
-            id=session_id or new_id("sess"),
-            owner=owner,
-            persona=persona,
-            memory=memory,
-            metadata=metadata or {},
-        )
+        session = new_session(owner, persona, memory, metadata, session_id)
         row = (
             session.id,
             owner,

@@ -45,6 +45,13 @@ def check_message(role: str, content: str) -> None:
         raise ValueError(f"message content must be a string, got {type(content).__name__}")
 
 
+def new_session(
+    owner: str, persona: str, memory: dict[str, Any], metadata: dict[str, Any] | None = None, session_id: str | None = None
+) -> Session:
+    """A Session ready to create: id (unless the caller names one) and timestamp set here."""
+    return Session(id=session_id or new_id("sess"), owner=owner, persona=persona, memory=memory, metadata=metadata or {})
+
+
 def new_message(
     session_id: str, role: str, content: str, metadata: dict[str, Any] | None = None, message_id: str | None = None
 ) -> Message:
