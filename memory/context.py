@@ -17,8 +17,8 @@ templates (Gemma: system first only, then strict user/assistant alternation) acc
 
 Guarantee: `counter.count_messages(ctx.messages) + reserved_for_reply <= context_window`,
 counted exactly. When it does not fit, drop in this order: oldest recent exchanges (whole),
-then retrieved exchanges (least relevant first), then the summary, then example dialogues (last
-first); then the new message is truncated with "…[truncated]" and a warning. The persona system
+then retrieved exchanges (least relevant first), then the facts, the summary, the core blocks,
+then example dialogues (last first); then the new message is truncated with "…[truncated]" and a warning. The persona system
 prompt, the post-history note and (a part of) the new message are never dropped; if they cannot
 fit, `ContextOverflow` is raised.
 
@@ -63,12 +63,14 @@ class _Parts:
     summary: str | None
     retrieved: list[list[Message]]
     recent: list[list[Message]]
+    blocks: dict[str, str]
+    facts: str | None
     new_text: str
     post_history: str | None
     post_history_mode: str
 
     def pinned(self, with_memory: bool) -> list[dict[str, str]]:
-        block = memory_block(self.summary, self.retrieved) if with_memory else None
+        block = memory_block(self.summary, self.retrieved, self.blocks, self.facts) if with_memory else None
         system = "\n\n".join(t for t in (self.system, block) if t)
         head = [{"role": "system", "content": system}] if system else []
         return head + [m for ex in self.examples for m in ex]
@@ -107,6 +109,8 @@ def build_context(
         summary=view.summary or None,
         retrieved=list(view.retrieved),
         recent=group_exchanges(view.recent),
+        blocks={k: v for k, v in view.blocks.items() if v},
+        facts=view.facts or None,
         new_text=new_message,
         post_history=post_history,
         post_history_mode=post_history_mode,
@@ -122,7 +126,7 @@ def build_context(
     used = counter.count_messages(messages)
     persona = counter.count_messages(merge_same_roles(parts.pinned(False))) if parts.pinned(False) else 0
     with_memory = counter.count_messages(merge_same_roles(parts.pinned(True))) if parts.pinned(True) else 0
-    memory_tokens = with_memory - persona if (parts.summary or parts.retrieved) else 0
+    memory_tokens = with_memory - persona if (parts.summary or parts.retrieved or parts.blocks or parts.facts) else 0
     budget = {
         "context_window": context_window,
         "reserved_for_reply": reserved_for_reply,
@@ -134,6 +138,10 @@ def build_context(
         memory["summary"] = parts.summary
     if parts.retrieved:
         memory["retrieved"] = [[_message_json(m) for m in ex] for ex in parts.retrieved]
+    if parts.blocks:
+        memory["blocks"] = dict(parts.blocks)
+    if parts.facts:
+        memory["facts"] = parts.facts
     return Context(messages, used, budget, memory, warnings)
 
 
@@ -153,8 +161,12 @@ def _shrink(
         return
     while parts.retrieved and not fits():
         parts.retrieved = parts.retrieved[:-1]
+    if parts.facts and not fits():
+        parts.facts = None
     if parts.summary and not fits():
         parts.summary = None
+    if parts.blocks and not fits():
+        parts.blocks = {}
     while parts.examples and not fits():
         parts.examples = parts.examples[:-1]
     if fits():
@@ -195,9 +207,17 @@ def _last_true(hi: int, pred: Callable[[int], bool]) -> int:
     return lo
 
 
-def memory_block(summary: str | None, retrieved: Sequence[list[Message]]) -> str | None:
-    """The labelled memory text appended to the system prompt."""
-    sections = []
+def memory_block(
+    summary: str | None,
+    retrieved: Sequence[list[Message]],
+    blocks: dict[str, str] | None = None,
+    facts: str | None = None,
+) -> str | None:
+    """The labelled memory text appended to the system prompt (core blocks and facts first: they are
+    what is true now; retrieved exchanges are what was said, possibly long ago)."""
+    sections = [f"[Core memory: {label}]\n{text}" for label, text in (blocks or {}).items() if text]
+    if facts:
+        sections.append(facts)
     if summary:
         sections.append(f"[Memory: summary of the earlier conversation]\n{summary}")
     if retrieved:

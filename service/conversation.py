@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from memory.strategies import StrategyDeps, build_strategy, validate_memory_config
+from memory.config import validate_memory_config
+from memory.strategies import StrategyDeps, build_strategy
 from memory.types import Message, Session
 from service import register
 from service.errors import APIError, not_found
@@ -129,7 +130,8 @@ class Conversations:
 
     @staticmethod
     def check_memory(config: dict[str, Any]) -> dict[str, Any]:
-        from memory.strategies import MemoryConfigError
+        """The completed config (memory.config is the one definition), or a 422 naming the field."""
+        from memory.config import MemoryConfigError
 
         try:
             return validate_memory_config(config)
@@ -139,8 +141,17 @@ class Conversations:
     # ------------------------------------------------------------------ memory
 
     def strategy_deps(self, config: dict[str, Any]) -> StrategyDeps:
-        vector = self.rt.vector() if config.get("strategy") == "vector" else None
-        return StrategyDeps(self.store, self.rt.tokenizer, summarizer=self.summarizer(), vector=vector)
+        long_term = config.get("strategy") == "long_term"
+        vector = self.rt.vector() if config.get("strategy") in ("vector", "long_term") else None
+        editor = self.block_editor() if long_term else None
+        return StrategyDeps(self.store, self.rt.tokenizer, summarizer=self.summarizer(), vector=vector,
+                            block_editor=editor)
+
+    def block_editor(self) -> Any:
+        """long_term: the model proposes core-block edits after the turn, on the worker like summaries."""
+        from memory.blocks import ModelBlockEditor
+
+        return ModelBlockEditor(WorkerEngine(self.rt), self.rt.tokenizer)
 
     def strategy(self, session: Session) -> Any:
         return build_strategy(session.memory, self.strategy_deps(session.memory))
@@ -365,9 +376,15 @@ class WorkerEngine:
         self.rt = rt
         self.context_window = rt.context_window
 
-    def complete(self, prompt_ids: list[int], params: Any, session_id: str | None = None) -> Any:
+    def complete(
+        self, prompt_ids: list[int], params: Any, session_id: str | None = None, logits_processors: Any = None
+    ) -> Any:
         engine = self.rt.engine
-        return self.rt.worker.call(lambda _job: engine.complete(prompt_ids, params, session_id=session_id), background=True)
+        processors = list(logits_processors or [])  # e.g. the JSON grammar of core-block edits
+        return self.rt.worker.call(
+            lambda _job: engine.complete(prompt_ids, params, session_id=session_id, logits_processors=processors),
+            background=True,
+        )
 
 
 def first_sentence(text: str) -> str:

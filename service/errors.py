@@ -78,6 +78,10 @@ def _field_path(loc: Sequence[Any]) -> str:
     parts = list(loc)
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
+    from memory.config import STRATEGY_NAMES
+
+    # a memory config's union tag ("memory", "window", "turns") is not a field: say "memory.turns"
+    parts = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "memory" and p in STRATEGY_NAMES)]
     out = ""
     for part in parts:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))

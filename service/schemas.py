@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.settings import parse_memory
+from memory.config import MemoryConfig  # the one definition: a union on "strategy", with bounds
 
 # ---------------------------------------------------------------- OpenAI: chat completions
 
@@ -159,16 +159,6 @@ class ModelList(BaseModel):
 
 
 # ---------------------------------------------------------------- native API: sessions
-
-
-class MemoryConfig(BaseModel):
-    """`{"strategy": "window", "turns": 8}`; the strategy's own parameters are checked when it is built."""
-
-    model_config = ConfigDict(extra="allow")
-    strategy: Literal["buffer", "window", "token_buffer", "summary", "summary_buffer", "vector"]
-
-    def as_dict(self) -> dict[str, Any]:
-        return parse_memory(self.model_dump(), source="memory")
 
 
 class SessionCreate(BaseModel):

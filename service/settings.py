@@ -21,7 +21,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10: TOML config files need 3.11+
     tomllib = None  # type: ignore[assignment]
 
-STRATEGIES = ("buffer", "window", "token_buffer", "summary", "summary_buffer", "vector")
 LOCAL_USER = "local"  # the owner of everything when no API keys are configured
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("memento_config_file", default=None)
@@ -109,23 +108,16 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
 
 
 def parse_memory(value: Any, source: str = "memory") -> dict[str, Any]:
-    """`summary_buffer`, `{"strategy": "window", "turns": 8}` (JSON text) or a dict -> dict."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("{"):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                example = '{"strategy":"window","turns":8}'
-                raise ValueError(f"{source}: not valid JSON ({exc.msg}); e.g. '{example}'") from exc
-        else:
-            value = {"strategy": text}
-    if not isinstance(value, dict):
-        raise ValueError(f"{source}: expected a strategy name or a JSON object, got {type(value).__name__}")
-    strategy = value.get("strategy")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{source}: strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
-    return dict(value)
+    """`summary_buffer`, `{"strategy": "window", "turns": 8}` (JSON text) or a dict -> the completed dict.
+
+    The one definition is `memory.config`; this only turns its error into the ValueError settings expect.
+    """
+    from memory.config import MemoryConfigError, validate_memory_config
+
+    try:
+        return validate_memory_config(value, source=source)
+    except MemoryConfigError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def parse_api_keys(text: str) -> dict[str, str]:

@@ -34,6 +34,8 @@ class TokenCounter(Protocol):
 
 # (previous summary, newly overflowed messages) -> updated summary
 Summarizer = Callable[[str, list[Message]], str]
+# (current blocks {label: text}, the exchange just finished) -> proposed edits (dicts, validated later)
+BlockEditor = Callable[[dict[str, str], list[Message]], list[dict[str, Any]]]
 
 
 @dataclass
@@ -42,6 +44,7 @@ class StrategyDeps:
     counter: TokenCounter
     summarizer: Summarizer | None = None
     vector: VectorMemory | None = None
+    block_editor: BlockEditor | None = None  # long_term: the model's proposed core-block edits
 
 
 @dataclass
@@ -50,6 +53,8 @@ class MemoryView:
     retrieved: list[list[Message]] = field(default_factory=list)  # exchanges, most relevant first
     recent: list[Message] = field(default_factory=list)  # verbatim, oldest first
     warnings: list[str] = field(default_factory=list)
+    blocks: dict[str, str] = field(default_factory=dict)  # core memory blocks, label -> text (pinned)
+    facts: str | None = None  # the rendered facts section: current first, past ones labelled
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ def test_defaults(monkeypatch, tmp_path):
         monkeypatch.delenv(key, raising=False)
     s = load_settings()
     assert s.model == "smollm2-135m-instruct" and s.device == "auto" and s.dtype == "auto"
-    assert s.memory == {"strategy": "summary_buffer"}
+    assert s.memory == {"strategy": "summary_buffer", "max_tokens": 1024}  # completed by memory.config
     assert s.persona == "assistant" and s.embeddings == "use-multilingual-v3"
     assert s.store_url == "sqlite:///data/memento.db"
     assert s.host == "127.0.0.1" and not s.auth_enabled
@@ -35,7 +35,10 @@ def test_env_and_memory_json(monkeypatch, tmp_path):
     assert s.key_owners == {"k1": "alice", "k2": "bob"}
     assert "k1" not in repr(s)
     monkeypatch.setenv("MEMENTO_MEMORY", "vector")
-    assert load_settings().memory == {"strategy": "vector"}
+    assert load_settings().memory == {"strategy": "vector", "k": 4, "turns": 4, "scope": "session"}
+    monkeypatch.setenv("MEMENTO_MEMORY", '{"strategy":"window","turns":9999}')  # the bound is memory.config's
+    with pytest.raises(ValidationError, match="MEMENTO_MEMORY.turns: Input should be less than or equal to 256"):
+        load_settings()
 
 
 @pytest.mark.parametrize("value", ["forgetful", '{"strategy": 1}', "{oops"])
