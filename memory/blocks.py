@@ -15,7 +15,8 @@ and the model itself, which writes the edit list as grammar-constrained JSON (`m
 so its output always parses; whether it makes sense is what validation decides.
 
 State: per session, key `blocks` = `{"blocks": {label: {value, limit_tokens, updated_at}},
-"history": [...], "count", "last_id"}` (`count`/`last_id`: the model-edit watermark).
+"history": [...], "stats", "rejected", "count", "last_id"}` (`count`/`last_id`: the model-edit
+watermark; `stats`: edits proposed/applied/rejected per source; `rejected`: the last 20 reasons).
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ class CoreMemory:
     def texts(self, session_id: str) -> dict[str, str]:
         return {label: b.value for label, b in self.blocks(session_id).items() if b.value}
 
+    def stats(self, session_id: str) -> dict[str, Any]:
+        """Edits proposed / applied / rejected per source ("facts", "model"), and the last rejections."""
+        state = self._state(session_id)
+        return {"by_source": state.get("stats", {}), "recent_rejections": state.get("rejected", [])}
+
     def history(self, session_id: str, label: str | None = None) -> list[dict[str, Any]]:
         return [h for h in self._state(session_id)["history"] if label is None or h["label"] == label]
 
@@ -150,9 +156,14 @@ class CoreMemory:
             self._record(state, label, block["value"], new, edit, message_id, source)
             block.update(value=new, updated_at=_now())
             applied.append(edit)
+        stats = state.setdefault("stats", {}).setdefault(source, {"proposed": 0, "applied": 0, "rejected": 0})
+        stats["proposed"] += len(edits)
+        stats["applied"] += len(applied)
+        stats["rejected"] += len(rejected)
+        state["rejected"] = (state.get("rejected", []) + [{"reason": r, "message_id": message_id} for r in rejected])[-20:]
         if watermark is not None:
             state["count"], state["last_id"] = watermark
-        if applied or watermark is not None:
+        if edits or watermark is not None:
             self.store.put_state(session_id, STATE_KEY, state)
         return applied, rejected
 
