@@ -40,11 +40,13 @@ from redis.retry import Retry
 
 from memory.redis_keys import RedisKeys
 from memory.store import (
+    MessageNotFound,
     SessionExists,
     SessionNotFound,
     StoreError,
     StoreUnavailable,
     new_message,
+    new_messages,
     new_session,
     to_json,
 )
@@ -73,6 +75,48 @@ local seq = redis.call('INCR', KEYS[2])
 redis.call('RPUSH', KEYS[3], '{"seq":' .. seq .. ',' .. ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[1], seq)
 return {1, seq}
+"""
+
+# Many messages in one atomic step (an import). KEYS as _APPEND. ARGV: id1, body1, id2, body2, ...
+_APPEND_MANY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+for i = 1, #ARGV, 2 do
+  local seq = redis.call('INCR', KEYS[2])
+  redis.call('RPUSH', KEYS[3], '{"seq":' .. seq .. ',' .. ARGV[i + 1])
+  redis.call('HSET', KEYS[4], ARGV[i], seq)
+end
+return 1
+"""
+
+# Compare-and-set of one stored message. KEYS: messages, ids. ARGV: id, expected element, new body
+# without its opening '{'. Returns -1 for an unknown id, 0 when the element changed meanwhile.
+_UPDATE_MESSAGE = """
+local seq = redis.call('HGET', KEYS[2], ARGV[1])
+if not seq then return -1 end
+if redis.call('LINDEX', KEYS[1], tonumber(seq) - 1) ~= ARGV[2] then return 0 end
+redis.call('LSET', KEYS[1], tonumber(seq) - 1, '{"seq":' .. seq .. ',' .. ARGV[3])
+return 1
+"""
+
+# Remove messages and renumber the rest, so seq == list position + 1 keeps holding (LINDEX above).
+# KEYS as _APPEND. ARGV: ids to remove. Returns how many were removed.
+_DELETE_MESSAGES = """
+local drop = {}
+for i = 1, #ARGV do drop[ARGV[i]] = true end
+local all = redis.call('LRANGE', KEYS[3], 0, -1)
+local kept, removed = {}, 0
+for _, el in ipairs(all) do
+  if drop[cjson.decode(el)['id']] then removed = removed + 1 else table.insert(kept, el) end
+end
+if removed == 0 then return 0 end
+redis.call('DEL', KEYS[3], KEYS[4])
+for i, el in ipairs(kept) do
+  local rest = string.sub(el, string.find(el, ',', 1, true) + 1)
+  redis.call('RPUSH', KEYS[3], '{"seq":' .. i .. ',' .. rest)
+  redis.call('HSET', KEYS[4], cjson.decode(el)['id'], i)
+end
+redis.call('SET', KEYS[2], #kept)
+return removed
 """
 
 # KEYS: session, state. ARGV: state key, JSON value.
@@ -141,6 +185,9 @@ class RedisStore:
             raise ValueError(f"MEMENTO_STORE_URL={_redact(url)!r} is not a valid Redis URL: {e}") from e
         self._create = self._r.register_script(_CREATE)
         self._append = self._r.register_script(_APPEND)
+        self._append_many = self._r.register_script(_APPEND_MANY)
+        self._update_message = self._r.register_script(_UPDATE_MESSAGE)
+        self._delete_messages = self._r.register_script(_DELETE_MESSAGES)
         self._put_state = self._r.register_script(_PUT_STATE)
         self._update = self._r.register_script(_UPDATE)
         self._delete = self._r.register_script(_DELETE)
@@ -275,18 +322,7 @@ class RedisStore:
     ) -> Message:
         """Append atomically; acknowledged = on the server (see module doc for fsync). Raises SessionNotFound."""
         msg = new_message(session_id, role, content, metadata, message_id)
-        body = json.dumps(
-            {
-                "id": msg.id,
-                "session_id": session_id,
-                "role": role,
-                "content": content,
-                "created_at": msg.created_at,
-                "metadata": json.loads(to_json("message metadata", msg.metadata)),
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        body = self._message_body(msg)
         k = self.keys
         keys = [k.session(session_id), k.seq(session_id), k.messages(session_id), k.message_ids(session_id)]
         with self._errors("append_message"):
@@ -296,6 +332,69 @@ class RedisStore:
         if reply[0] == 0:
             return self._message(reply[1])  # this id was appended before (a retry)
         return msg
+
+    @staticmethod
+    def _message_body(msg: Message) -> str:
+        """The stored JSON of a message, without the `seq` the scripts put first."""
+        record = {
+            "id": msg.id,
+            "session_id": msg.session_id,
+            "role": msg.role,
+            "content": msg.content,
+            "created_at": msg.created_at,
+            "metadata": json.loads(to_json("message metadata", msg.metadata)),
+        }
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+    def _message_keys(self, session_id: str) -> list[str]:
+        k = self.keys
+        return [k.session(session_id), k.seq(session_id), k.messages(session_id), k.message_ids(session_id)]
+
+    def append_messages(self, session_id: str, items: list[dict[str, Any]]) -> list[Message]:
+        """Append all of `items` in one atomic script (an import: all or nothing)."""
+        msgs = new_messages(session_id, items)
+        args: list[str] = []
+        for m in msgs:
+            args += [m.id, self._message_body(m)[1:]]
+        with self._errors("append_messages"):
+            reply = self._append_many(keys=self._message_keys(session_id), args=args)
+        if reply == -1:
+            raise SessionNotFound(session_id)
+        return msgs
+
+    def update_message(
+        self, session_id: str, message_id: str, *, content: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> Message:
+        """Change a message in place (position and created_at stay), compare-and-set. MessageNotFound."""
+        k = self.keys
+        for _ in range(_CAS_ATTEMPTS):
+            with self._errors("update_message"):
+                seq = self._r.hget(k.message_ids(session_id), message_id)
+                old_text = self._r.lindex(k.messages(session_id), int(seq) - 1) if seq else None
+            if old_text is None:
+                raise MessageNotFound(session_id, message_id)
+            old = self._message(old_text)
+            new = new_message(
+                session_id, old.role, old.content if content is None else content,
+                old.metadata if metadata is None else metadata, old.id, old.created_at,
+            )
+            with self._errors("update_message"):
+                done = self._update_message(
+                    keys=[k.messages(session_id), k.message_ids(session_id)],
+                    args=[message_id, old_text, self._message_body(new)[1:]],
+                )
+            if done == -1:
+                raise MessageNotFound(session_id, message_id)
+            if done == 1:
+                return new
+        raise StoreError(f"message {message_id!r} changed {_CAS_ATTEMPTS} times while updating it; retry")
+
+    def delete_messages(self, session_id: str, message_ids: list[str]) -> int:
+        """Remove those messages of the session atomically (the rest renumbered); unknown ids ignored."""
+        if not message_ids:
+            return 0
+        with self._errors("delete_messages"):
+            return int(self._delete_messages(keys=self._message_keys(session_id), args=list(message_ids)))
 
     def list_messages(self, session_id: str) -> list[Message]:
         """The whole transcript, oldest first. Raises SessionNotFound."""

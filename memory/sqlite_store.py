@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from memory.store import (
+    MessageNotFound,
     SessionExists,
     SessionNotFound,
     StoreError,
     StoreUnavailable,
     new_message,
+    new_messages,
     new_session,
     to_json,
 )
@@ -318,6 +320,49 @@ class SQLiteStore:
                 (msg.id, session_id, role, content, meta, msg.created_at),
             )
         return msg
+
+    def append_messages(self, session_id: str, items: list[dict[str, Any]]) -> list[Message]:
+        """Append all of `items` in one committed transaction (an import: all or nothing)."""
+        msgs = new_messages(session_id, items)
+        rows = [
+            (m.id, session_id, m.role, m.content, to_json("message metadata", m.metadata), m.created_at)
+            for m in msgs
+        ]
+        with self._write("append_messages") as db:
+            if not db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
+                raise SessionNotFound(session_id)
+            db.executemany(f"INSERT INTO messages ({self._MESSAGE_COLS}) VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return msgs
+
+    def update_message(
+        self, session_id: str, message_id: str, *, content: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> Message:
+        """Change a message in place (its position and created_at stay). Raises MessageNotFound."""
+        with self._write("update_message") as db:
+            row = db.execute(
+                f"SELECT {self._MESSAGE_COLS} FROM messages WHERE id = ? AND session_id = ?",
+                (message_id, session_id),
+            ).fetchone()
+            if row is None:
+                raise MessageNotFound(session_id, message_id)
+            old = self._message(row)
+            new = new_message(
+                session_id, old.role, old.content if content is None else content,
+                old.metadata if metadata is None else metadata, old.id, old.created_at,
+            )
+            db.execute(
+                "UPDATE messages SET content = ?, metadata = ? WHERE id = ?",
+                (new.content, to_json("message metadata", new.metadata), message_id),
+            )
+        return new
+
+    def delete_messages(self, session_id: str, message_ids: list[str]) -> int:
+        """Remove those messages of the session in one transaction; unknown ids are ignored."""
+        with self._write("delete_messages") as db:
+            return sum(
+                db.execute("DELETE FROM messages WHERE id = ? AND session_id = ?", (mid, session_id)).rowcount
+                for mid in message_ids
+            )
 
     def list_messages(self, session_id: str) -> list[Message]:
         """The whole transcript in commit order. Raises SessionNotFound."""

@@ -26,6 +26,13 @@ class SessionNotFound(StoreError):
         self.session_id = session_id
 
 
+class MessageNotFound(StoreError):
+    def __init__(self, session_id: str, message_id: str):
+        super().__init__(f"message {message_id!r} not found in session {session_id!r}")
+        self.session_id = session_id
+        self.message_id = message_id
+
+
 class SessionExists(StoreError):
     """create_session was given an id that is already taken."""
 
@@ -53,18 +60,34 @@ def new_session(
 
 
 def new_message(
-    session_id: str, role: str, content: str, metadata: dict[str, Any] | None = None, message_id: str | None = None
+    session_id: str,
+    role: str,
+    content: str,
+    metadata: dict[str, Any] | None = None,
+    message_id: str | None = None,
+    created_at: str | None = None,
 ) -> Message:
-    """A checked Message ready to append: id (unless the caller retries with its own) and timestamp set here."""
+    """A checked Message ready to append: id (unless the caller retries with its own) and timestamp
+    set here (an import keeps the original `created_at`)."""
     check_message(role, content)
     return Message(
         id=message_id or new_id("msg"),
         session_id=session_id,
         role=role,
         content=content,
-        created_at=now_iso(),
+        created_at=created_at or now_iso(),
         metadata=metadata or {},
     )
+
+
+def new_messages(session_id: str, items: list[dict[str, Any]]) -> list[Message]:
+    """Checked Messages for `append_messages`: each item {role, content, metadata?, created_at?, id?}."""
+    return [
+        new_message(
+            session_id, it["role"], it["content"], it.get("metadata"), it.get("id"), it.get("created_at")
+        )
+        for it in items
+    ]
 
 
 def to_json(field: str, value: Any) -> str:
@@ -113,6 +136,16 @@ class Store(Protocol):
     ) -> Message: ...
     # message_id given and already in this session: the stored message is returned, nothing is
     # appended (so a client may retry an append whose answer it never saw).
+
+    def append_messages(self, session_id: str, items: list[dict[str, Any]]) -> list[Message]: ...
+    # all or nothing, in order (an import); items {role, content, metadata?, created_at?}
+
+    def update_message(
+        self, session_id: str, message_id: str, *, content: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> Message: ...  # in place (position and created_at kept); MessageNotFound
+
+    def delete_messages(self, session_id: str, message_ids: list[str]) -> int: ...
+    # removes those of the session (unknown ids are ignored); returns how many were removed
 
     def list_messages(self, session_id: str) -> list[Message]: ...  # oldest first; SessionNotFound
 

@@ -14,7 +14,14 @@ import pytest
 
 from memory.redis_store import RedisStore
 from memory.sqlite_store import SCHEMA_VERSION, SQLiteStore
-from memory.store import SessionExists, SessionNotFound, StoreError, StoreUnavailable, open_store
+from memory.store import (
+    MessageNotFound,
+    SessionExists,
+    SessionNotFound,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 KOREAN = "안녕하세요, 오늘 기분 어때? 🙂🎉 (emoji + 한글)"
@@ -131,6 +138,58 @@ def test_append_with_same_message_id_stores_it_once(store):
     assert again == first
     assert [m.id for m in store.list_messages(s.id)][:1] == ["msg_client_1"]
     assert len(store.list_messages(s.id)) == 2
+
+
+def test_append_messages_is_one_ordered_write_keeping_given_times(store):
+    s = new_session(store)
+    store.append_message(s.id, "user", "before")
+    items = [
+        {"role": "user", "content": KOREAN, "created_at": "2024-01-02T03:04:05.000000+00:00"},
+        {"role": "assistant", "content": "응!", "metadata": {"swipes": ["응!", "그래"]}},
+    ]
+    acked = store.append_messages(s.id, items)
+    got = store.list_messages(s.id)
+    assert got[1:] == acked
+    assert [m.content for m in got] == ["before", KOREAN, "응!"]
+    assert got[1].created_at == "2024-01-02T03:04:05.000000+00:00"
+    assert got[2].metadata == {"swipes": ["응!", "그래"]}
+    with pytest.raises(SessionNotFound):
+        store.append_messages("sess_missing", items)
+    with pytest.raises(ValueError, match="role 'bot'"):
+        store.append_messages(s.id, [{"role": "user", "content": "ok"}, {"role": "bot", "content": "x"}])
+    assert len(store.list_messages(s.id)) == 3  # nothing of the refused batch was written
+
+
+def test_update_message_changes_it_in_place(store):
+    s = new_session(store)
+    a = store.append_message(s.id, "user", "one")
+    b = store.append_message(s.id, "assistant", "two", {"usage": {"prompt_tokens": 1}})
+    store.append_message(s.id, "user", "three")
+    new = store.update_message(s.id, b.id, content="TWO", metadata={"edits": [{"content": "two"}]})
+    assert (new.id, new.role, new.created_at) == (b.id, b.role, b.created_at)
+    got = store.list_messages(s.id)
+    assert [m.content for m in got] == ["one", "TWO", "three"]
+    assert got[1].metadata == {"edits": [{"content": "two"}]}
+    assert store.update_message(s.id, a.id, metadata={"x": 1}).content == "one"  # content kept
+    with pytest.raises(MessageNotFound):
+        store.update_message(s.id, "msg_missing", content="x")
+    other = new_session(store)
+    with pytest.raises(MessageNotFound):
+        store.update_message(other.id, a.id, content="x")  # another session's message
+
+
+def test_delete_messages_removes_only_those_and_appends_continue(store):
+    s = new_session(store)
+    ms = [store.append_message(s.id, "user" if i % 2 == 0 else "assistant", f"m{i}") for i in range(6)]
+    assert store.delete_messages(s.id, [ms[1].id, ms[4].id, "msg_unknown"]) == 2
+    assert [m.content for m in store.list_messages(s.id)] == ["m0", "m2", "m3", "m5"]
+    later = store.append_message(s.id, "user", "m6")
+    store.update_message(s.id, ms[5].id, content="M5")  # positions stay right after a delete
+    assert [m.content for m in store.list_messages(s.id)] == ["m0", "m2", "m3", "M5", "m6"]
+    assert store.append_message(s.id, "user", "m6", message_id=later.id) == later  # retry still a no-op
+    assert store.delete_messages(s.id, []) == 0
+    other = new_session(store)
+    assert store.delete_messages(other.id, [ms[0].id]) == 0  # never another session's
 
 
 def test_strategy_state_round_trips_per_session_and_key(store):
