@@ -50,13 +50,16 @@ _EN: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\bmy (?P<s>[a-z]+) (?:is |are )?called\b", re.I), "{s}"),
 ]
 _KO: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"(?:내|제) 이름은 "), "이름"),
-    (re.compile(r"\S+(?:에|에서) (?:살아|살고 있|살아요|삽니다|살지)"), "home"),
-    (re.compile(r"\S+(?:으로|로) 이사(?:했|왔|갔|를 했|를 왔|를 갔)"), "home"),
+    (re.compile(r"(?:^|\s)(?:내|제) 이름은 "), "이름"),
+    (re.compile(r"\S+(?:에|에서) (?:살아|살고 있|살아요|삽니다|살지)"), "{topic} home"),
+    (re.compile(r"\S+(?:으로|로) 이사(?:했|왔|갔|를 했|를 왔|를 갔)"), "{topic} home"),
     (re.compile(r"\S+에서 일(?:해|하고|합니다|했)|\S+에 다녀|\S+에 다니"), "work"),
-    (re.compile(r"(?:내|제|우리|나의) (?P<s>\S+(?: \S+)?)(?:은|는|이|가) \S+" + _KO_END), "{s}"),
+    (re.compile(r"(?:^|\s)(?:내|제|우리|나의) (?P<s>\S+?(?: \S+?)?)(?:은|는|이|가) (?:\S+ ){0,3}\S+" + _KO_END), "{s}"),
 ]
 _PARTICLE = re.compile(r"(?:은|는|이|가|의)$")
+_KO_TOPIC = re.compile(r"(\S+?)(?:은|는|이|가) ")
+# topics that mean the speaker ("I", "we", "my family") or a time ("these days"), not someone else
+_KO_SELF = frozenset("나 저 내 제 우리 가족 우리가족 저희 요즘 지금 이제 올해 작년 최근 얼마 전에".split())
 
 
 @dataclass
@@ -102,8 +105,14 @@ def subject_of(sentence: str) -> str | None:
         if m:
             words = (m.groupdict().get("s") or "").strip().lower()
             words = _PARTICLE.sub("", words)
-            return template.format(s=words).strip() or None
+            return template.format(s=words, topic=_ko_topic(sentence[: m.start()])).strip() or None
     return None
+
+
+def _ko_topic(before: str) -> str:
+    """"우리 언니는 리스본에 살아" -> "언니" (her home, not mine); "" when the speaker is the topic."""
+    topics = [t for t in _KO_TOPIC.findall(before + " ") if t not in _KO_SELF]
+    return topics[-1] if topics else ""
 
 
 def extract(message: Message) -> list[Fact]:

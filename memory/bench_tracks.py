@@ -1,0 +1,211 @@
+"""The long-term memory tracks of `python -m memory.bench`: current facts, paraphrases, core blocks.
+
+- current-fact: a 320-turn transcript (English, and Korean) with 9 facts planted in the first half and
+  3 of them (a third) changed in the second half. For each question: does the assembled context hold
+  the current answer, and is the stale one shown without the current one ("stale only")?
+  Target: current-answer recall >= 0.9 with `long_term`, 0 stale-only.
+- paraphrase: 5 lines per language asked about with questions that share no content word with them;
+  recall@context (target >= 0.9), with each retrieval part switched off in turn (dense, BM25,
+  recency) and facts off, so the table shows what each part contributes.
+- core blocks: a 100-turn scripted chat (name, family and a city that changes); the `user` block must
+  stay within its limit, every applied edit must have validated, and name, family and the current
+  city must be in it at the end.
+Context: 2048 tokens counted by the SmolLM2 tokenizer, 256 reserved, as in the main table.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from memory.blocks import CoreMemory
+from memory.context import build_context
+from memory.strategies import StrategyDeps, build_strategy
+
+CONTEXT_WINDOW, RESERVED = 2048, 256
+PERSONA = [{"role": "system", "content": "You are Memo, a friendly assistant who remembers what the user says."}]
+TURNS = 320
+TARGETS = {"current_recall": 0.9, "stale_only": 0, "paraphrase_recall": 0.9}
+
+# (first statement, changed statement or None, question, current key, stale key or None)
+CURRENT_EN = [
+    ("I live in Busan.", "We moved to Daejeon last month.", "Where do I live now?", "Daejeon", "Busan"),
+    ("My dog is called Biscuit.", None, "What is my dog called?", "Biscuit", None),
+    ("I work at a bakery called Crumbs.", "I work at the city library now.", "Where do I work?", "library", "Crumbs"),
+    ("My favourite colour is turquoise.", None, "What is my favourite colour?", "turquoise", None),
+    ("My car is a green Skoda.", "My car is a red Volvo now.", "What car do I drive?", "Volvo", "Skoda"),
+    ("My sister Alice lives in Lisbon.", None, "Where does my sister Alice live?", "Lisbon", None),
+    ("My wife is called Sora.", None, "What is my wife's name?", "Sora", None),
+    ("My phone is an old Nokia.", None, "What phone do I have?", "Nokia", None),
+    ("I was born in Tampere.", None, "Where was I born?", "Tampere", None),
+]
+CURRENT_KO = [
+    ("나는 부산에 살아.", "우리 가족은 지난달에 대전으로 이사했어.", "나 요즘 어디 살지?", "대전", "부산"),
+    ("우리 강아지 이름은 콩이야.", None, "우리 강아지 이름이 뭐였지?", "콩이", None),
+    ("나는 빵집에서 일해.", "요즘은 시립 도서관에서 일해.", "내가 어디서 일하지?", "도서관", "빵집"),
+    ("내 최애 색은 청록색이야.", None, "내가 제일 좋아하는 색이 뭐지?", "청록색", None),
+    ("내 차는 초록색 스코다야.", "내 차는 이제 빨간 볼보야.", "내 차가 뭐지?", "볼보", "스코다"),
+    ("우리 언니는 리스본에 살아.", None, "우리 언니는 어디 살아?", "리스본", None),
+    ("내 아내 이름은 소라야.", None, "내 아내 이름이 뭐지?", "소라", None),
+    ("내 휴대폰은 옛날 노키아야.", None, "내 휴대폰이 뭐였지?", "노키아", None),
+    ("나는 탐페레에서 태어났어.", None, "내가 어디서 태어났지?", "탐페레", None),
+]
+# (planted line, a question sharing no content word with it, key)
+PARAPHRASE_EN = [
+    ("The vet said Biscuit needs surgery on his paw.", "What did the animal doctor tell me about my pet's foot?",
+     "surgery"),
+    ("I'm allergic to peanuts.", "Which food makes me sick?", "peanut"),
+    ("My grandmother taught me to bake sourdough.", "Who showed me how to make bread?", "sourdough"),
+    ("We're flying to Reykjavik in March for our anniversary.", "Where is the trip for our wedding celebration?",
+     "Reykjavik"),
+    ("My brother just became a firefighter.", "What does my sibling do for a living now?", "firefighter"),
+]
+PARAPHRASE_KO = [
+    ("수의사가 콩이 다리 수술해야 한대.", "동물병원 선생님이 우리 강아지 발에 대해 뭐라고 했지?", "수술"),
+    ("나 땅콩 알레르기 있어.", "내가 못 먹는 음식이 뭐였지?", "땅콩"),
+    ("할머니가 나한테 김치 담그는 법 가르쳐 주셨어.", "누가 나한테 반찬 만드는 걸 알려줬지?", "할머니"),
+    ("삼월에 결혼기념일 여행으로 제주도 가.", "봄에 우리 부부가 떠나는 곳이 어디였지?", "제주"),
+    ("형이 소방관이 됐어.", "우리 형제 직업이 뭐로 바뀌었지?", "소방관"),
+]
+FILLER = {
+    "en": [
+        "I went for a run this morning around the park.", "Can you recommend a good book about history?",
+        "The weather has been rainy all week.", "I need to fix the rear brake on my bike.",
+        "What is a quick recipe for dinner tonight?", "Work was busy; we shipped a new release.",
+        "I'm thinking about learning to play the piano.", "The train was late again today.",
+        "Explain how compound interest works.", "I watched a documentary about the ocean.",
+        "Should I repaint the kitchen or the hallway first?", "My neighbour is renovating and it's noisy.",
+    ],
+    "ko": [
+        "오늘 아침에 공원에서 달리기를 했어.", "역사에 관한 좋은 책 추천해 줄래?", "이번 주 내내 비가 왔어.",
+        "자전거 뒷브레이크를 고쳐야 해.", "오늘 저녁에 간단하게 뭐 해 먹지?", "회사가 바빴어, 새 버전을 출시했거든.",
+        "피아노를 배워 볼까 생각 중이야.", "오늘도 기차가 늦게 왔어.", "복리가 어떻게 계산되는지 설명해 줘.",
+        "바다에 관한 다큐멘터리를 봤어.", "부엌 벽을 먼저 칠할까 복도를 먼저 칠할까?", "옆집이 공사 중이라 시끄러워.",
+    ],
+}
+REPLY = {"en": "Okay, noted.", "ko": "응, 알겠어."}
+BLOCK_SCRIPT = {  # turn -> what the user says in the 100-turn core-blocks chat
+    2: "My name is Ada.", 9: "My wife is called Sora.", 15: "I live in Busan.",
+    31: "My son Jun is seven.", 55: "My daughter is called Mina.", 70: "We moved to Daejeon last month.",
+}
+BLOCK_KEYS = ("Ada", "Sora", "Jun", "Mina", "Daejeon")
+
+LONG_TERM = {"strategy": "long_term", "k": 4, "turns": 4, "scope": "session"}
+VARIANTS: list[tuple[str, dict[str, Any], dict[str, float] | None]] = [  # (row name, config, fusion weights)
+    ("vector (dense only, baseline)", {"strategy": "vector", "k": 4, "turns": 4, "scope": "session"}, None),
+    ("long_term", LONG_TERM, None),
+    ("long_term, facts off", {**LONG_TERM, "max_facts": 0}, None),
+    ("long_term, facts off, no dense", {**LONG_TERM, "max_facts": 0}, {"dense": 0, "bm25": 1, "recency": 0.3}),
+    ("long_term, facts off, no BM25", {**LONG_TERM, "max_facts": 0}, {"dense": 1, "bm25": 0, "recency": 0.3}),
+    ("long_term, facts off, no recency", {**LONG_TERM, "max_facts": 0}, {"dense": 1, "bm25": 1, "recency": 0}),
+]
+
+
+def _strategy(config: dict[str, Any], weights: dict[str, float] | None, deps: StrategyDeps) -> Any:
+    strategy = build_strategy(config, deps)
+    if weights is not None:
+        strategy.weights = dict(weights)
+    return strategy
+
+
+def _context_text(strategy: Any, store: Any, session: Any, question: str, counter: Any) -> str:
+    view = strategy.view(session, store.list_messages(session.id), question)
+    ctx = build_context(PERSONA, None, view, question, counter, CONTEXT_WINDOW, RESERVED, strategy.name)
+    return "\n".join(m["content"] for m in ctx.messages)
+
+
+def _play(store: Any, strategy: Any, config: dict[str, Any], script: dict[int, str], lang: str,
+          turns: int) -> tuple[Any, list[float]]:
+    """A conversation of `turns` exchanges with `script` planted; after_turn each turn (its ms returned)."""
+    session = store.create_session(f"track-{uuid.uuid4().hex[:8]}", "assistant", config)
+    filler, spent = FILLER[lang], []
+    for t in range(turns):
+        store.append_message(session.id, "user", script.get(t, f"{filler[t % len(filler)]} ({t})"))
+        store.append_message(session.id, "assistant", f"{REPLY[lang]} ({t})")
+        t0 = time.perf_counter()
+        strategy.after_turn(session, store.list_messages(session.id))
+        spent.append((time.perf_counter() - t0) * 1000)
+    return session, spent
+
+
+def current_script(facts: list[tuple[Any, ...]], turns: int) -> dict[int, str]:
+    """First statements spread over the first half, changes over the second (>= 5 turns before the end)."""
+    script = {1 + i * (turns // 2 - 2) // len(facts): f[0] for i, f in enumerate(facts)}
+    changed = [f for f in facts if f[1]]
+    for i, f in enumerate(changed):
+        script[turns // 2 + 3 + i * (turns // 2 - 10) // len(changed)] = f[1]
+    return script
+
+
+def current_fact_track(store: Any, deps: StrategyDeps, turns: int = TURNS) -> list[dict[str, Any]]:
+    rows = []
+    for lang, facts in (("en", CURRENT_EN), ("ko", CURRENT_KO)):
+        for name, config, weights in VARIANTS[:3]:
+            strategy = _strategy(config, weights, deps)
+            session, _ = _play(store, strategy, config, current_script(facts, turns), lang, turns)
+            hits = stale_only = 0
+            for _, _, question, key, stale in facts:
+                text = _context_text(strategy, store, session, question, deps.counter)
+                hits += key in text
+                stale_only += bool(stale) and stale in text and key not in text
+            rows.append({"track": "current-fact", "lang": lang, "variant": name, "questions": len(facts),
+                         "recall": hits / len(facts), "stale_only": stale_only})
+            store.delete_session(session.id)
+    return rows
+
+
+def paraphrase_track(store: Any, deps: StrategyDeps, turns: int = 200) -> list[dict[str, Any]]:
+    rows = []
+    for lang, lines in (("en", PARAPHRASE_EN), ("ko", PARAPHRASE_KO)):
+        script = {5 + i * (turns - 20) // len(lines): line for i, (line, _, _) in enumerate(lines)}
+        for name, config, weights in VARIANTS:
+            strategy = _strategy(config, weights, deps)
+            session, _ = _play(store, strategy, config, script, lang, turns)
+            hits = sum(key in _context_text(strategy, store, session, q, deps.counter) for _, q, key in lines)
+            rows.append({"track": "paraphrase", "lang": lang, "variant": name, "questions": len(lines),
+                         "recall": hits / len(lines), "stale_only": 0})
+            store.delete_session(session.id)
+    return rows
+
+
+def core_blocks_track(store: Any, deps: StrategyDeps, turns: int = 100) -> dict[str, Any]:
+    strategy = build_strategy(LONG_TERM, deps)
+    session, spent = _play(store, strategy, LONG_TERM, BLOCK_SCRIPT, "en", turns)
+    core = CoreMemory(store, deps.counter)
+    user = core.get(session.id, "user")
+    assert user is not None
+    history = core.history(session.id)
+    stats = core.stats(session.id)["by_source"]
+    result = {
+        "turns": turns,
+        "user_block": user.value,
+        "tokens": deps.counter.count(user.value),
+        "limit_tokens": user.limit_tokens,
+        "within_limit": all(deps.counter.count(b.value) <= b.limit_tokens for b in core.blocks(session.id).values()),
+        "applied_edits": len(history),
+        "applied_edits_valid": all(h["message_id"] for h in history),
+        "stats": stats,
+        "keys_present": {k: k in user.value for k in BLOCK_KEYS},
+        "stale_city_gone": "Busan" not in user.value,
+        "after_turn_p95_ms": sorted(spent)[int(0.95 * (len(spent) - 1))],
+    }
+    store.delete_session(session.id)
+    return result
+
+
+def print_tracks(rows: list[dict[str, Any]], blocks: dict[str, Any] | None) -> None:
+    lines = ["track | lang | variant | questions | recall | stale only", "---|---|---|---|---|---"]
+    for r in rows:
+        lines.append(f"{r['track']} | {r['lang']} | {r['variant']} | {r['questions']} | {r['recall']:.2f} | "
+                     f"{r['stale_only'] if r['track'] == 'current-fact' else '-'}")
+    print("\n".join(lines))
+    print(f"\ntargets: current-fact recall >= {TARGETS['current_recall']} with long_term and 0 stale-only; "
+          f"paraphrase recall >= {TARGETS['paraphrase_recall']}")
+    if blocks:
+        keys = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in blocks["keys_present"].items())
+        print(f"\ncore blocks ({blocks['turns']} turns): user block {blocks['tokens']}/{blocks['limit_tokens']} tokens, "
+              f"within limit: {blocks['within_limit']}; {blocks['applied_edits']} edits applied, all validated: "
+              f"{blocks['applied_edits_valid']} (by source: {blocks['stats']}); in the block: {keys}; "
+              f"old city gone: {blocks['stale_city_gone']}; after_turn p95 {blocks['after_turn_p95_ms']:.1f} ms")
+        print("user block at the end:\n  " + blocks["user_block"].replace("\n", "\n  "))
