@@ -25,6 +25,8 @@ app = typer.Typer(help="Memento: a self-hosted chat service that remembers.", no
 bench_app = typer.Typer(help="Performance numbers (engine; `bench memory` for memory strategies).")
 memory_app = typer.Typer(help="Maintain derived memory state (summaries, vector index).", no_args_is_help=True)
 persona_app = typer.Typer(help="List, show, validate and import personas.", no_args_is_help=True)
+chat_app = typer.Typer(help="Chat in the terminal; `chat import FILE` / `chat export SESSION` move chats.")
+app.add_typer(chat_app, name="chat")
 app.add_typer(bench_app, name="bench")
 app.add_typer(memory_app, name="memory")
 app.add_typer(persona_app, name="persona")
@@ -90,8 +92,13 @@ def describe_auth(settings: Any) -> None:
 # ------------------------------------------------------------------------------------ chat
 
 
-@app.command()
+UrlOpt = Annotated[str, typer.Option(help="server URL")]
+KeyOpt = Annotated[str | None, typer.Option(envvar="MEMENTO_API_KEY", help="bearer key")]
+
+
+@chat_app.callback(invoke_without_command=True)
 def chat(
+    ctx: typer.Context,
     url: Annotated[str, typer.Option(help="server URL")] = "http://127.0.0.1:8000",
     session: Annotated[str | None, typer.Option(help="continue this session id")] = None,
     persona: Annotated[str | None, typer.Option(help="persona for a new session")] = None,
@@ -102,12 +109,62 @@ def chat(
     /memory JSON, /context, /new, /quit."""
     from service.chat_client import ChatClient, ClientError
 
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         client = ChatClient(url, api_key)
         sid = client.open_session(session, persona, parse_memory_option(memory))
     except ClientError as exc:
         raise fail(str(exc)) from exc
     client.repl(sid)
+
+
+@chat_app.command("import")
+def chat_import(
+    file: Annotated[Path, typer.Argument(help="a SillyTavern chat (.jsonl) or {\"messages\": [...]} JSON")],
+    session: Annotated[str | None, typer.Option(help="import into this session id (created if new)")] = None,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+) -> None:
+    """Store a chat in a session without generating; the server builds its memory in the background."""
+    from service.chat_client import ChatClient, ClientError
+
+    try:
+        body = file.read_bytes()
+    except OSError as exc:
+        raise fail(f"cannot read {file}: {exc.strerror or exc}") from exc
+    try:
+        client = ChatClient(url, api_key)
+        sid = session or client.call("POST", "/v1/sessions", json={})["id"]
+        out = client.call("POST", f"/v1/sessions/{sid}/import", content=body)
+    except ClientError as exc:
+        raise fail(f"{file}: {exc}") from exc
+    pending = out["memory_status"]["pending"]
+    typer.echo(f"imported {out['imported']} messages into session {sid} ({pending} waiting for the memory build)")
+
+
+@chat_app.command("export")
+def chat_export(
+    session: Annotated[str, typer.Argument(help="session id")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write here (default: stdout)")] = None,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+) -> None:
+    """Print (or write) a session as a SillyTavern chat file (JSONL)."""
+    from service.chat_client import ChatClient, _error_text
+
+    client = ChatClient(url, api_key)
+    try:
+        r = client.http.get(f"/v1/sessions/{session}/export")
+    except Exception as exc:
+        raise fail(f"cannot reach {url}: {exc} (is `memento serve` running?)") from exc
+    if r.status_code >= 400:
+        raise fail(_error_text(r))
+    if out is None:
+        typer.echo(r.text, nl=False)
+    else:
+        out.write_text(r.text, encoding="utf-8")
+        typer.echo(f"wrote {out}")
 
 
 def parse_memory_option(text: str | None) -> dict[str, Any] | None:

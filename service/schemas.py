@@ -181,6 +181,7 @@ class SessionOut(BaseModel):
     memory: dict[str, Any]
     created_at: str
     metadata: dict[str, Any] = Field(default_factory=dict)
+    memory_status: dict[str, Any] | None = None  # extra (ours): {pending, imported, done, state} (GET one)
 
 
 class MessageOut(BaseModel):

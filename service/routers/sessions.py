@@ -61,7 +61,15 @@ async def list_sessions(user: UserDep, conv: ConvDep) -> dict[str, Any]:
 
 @router.get("/{session_id}", response_model=SessionOut)
 async def get_session(session_id: str, user: UserDep, conv: ConvDep) -> SessionOut:
-    return session_out(await run_in_threadpool(conv.get_session, session_id, user))
+    from service.transfer import Transfers
+
+    def load() -> SessionOut:
+        session = conv.get_session(session_id, user)
+        out = session_out(session)
+        out.memory_status = Transfers(conv).memory_status(session)  # imported history still building?
+        return out
+
+    return await run_in_threadpool(load)
 
 
 @router.patch("/{session_id}", response_model=SessionOut)
