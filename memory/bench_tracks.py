@@ -96,9 +96,11 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, float] | None]] = [  # (row 
     ("vector (dense only, baseline)", {"strategy": "vector", "k": 4, "turns": 4, "scope": "session"}, None),
     ("long_term", LONG_TERM, None),
     ("long_term, facts off", {**LONG_TERM, "max_facts": 0}, None),
-    ("long_term, facts off, no dense", {**LONG_TERM, "max_facts": 0}, {"dense": 0, "bm25": 1, "recency": 0.3}),
-    ("long_term, facts off, no BM25", {**LONG_TERM, "max_facts": 0}, {"dense": 1, "bm25": 0, "recency": 0.3}),
+    ("long_term, facts off, no dense", {**LONG_TERM, "max_facts": 0}, {"dense": 0, "bm25": 1, "recency": 0.1}),
+    ("long_term, facts off, no BM25", {**LONG_TERM, "max_facts": 0}, {"dense": 1, "bm25": 0, "recency": 0.1}),
     ("long_term, facts off, no recency", {**LONG_TERM, "max_facts": 0}, {"dense": 1, "bm25": 1, "recency": 0}),
+    ("long_term, k=8", {**LONG_TERM, "k": 8}, None),
+    ("long_term, k=16", {**LONG_TERM, "k": 16}, None),
 ]
 
 
@@ -109,10 +111,11 @@ def _strategy(config: dict[str, Any], weights: dict[str, float] | None, deps: St
     return strategy
 
 
-def _context_text(strategy: Any, store: Any, session: Any, question: str, counter: Any) -> str:
+def _context(strategy: Any, store: Any, session: Any, question: str, counter: Any) -> tuple[str, int]:
+    """(the context's text, its memory tokens) for `question` as the next user message."""
     view = strategy.view(session, store.list_messages(session.id), question)
     ctx = build_context(PERSONA, None, view, question, counter, CONTEXT_WINDOW, RESERVED, strategy.name)
-    return "\n".join(m["content"] for m in ctx.messages)
+    return "\n".join(m["content"] for m in ctx.messages), ctx.budget["parts"]["memory"]
 
 
 def _play(store: Any, strategy: Any, config: dict[str, Any], script: dict[int, str], lang: str,
@@ -144,13 +147,15 @@ def current_fact_track(store: Any, deps: StrategyDeps, turns: int = TURNS) -> li
         for name, config, weights in VARIANTS[:3]:
             strategy = _strategy(config, weights, deps)
             session, _ = _play(store, strategy, config, current_script(facts, turns), lang, turns)
-            hits = stale_only = 0
+            hits = stale_only = tokens = 0
             for _, _, question, key, stale in facts:
-                text = _context_text(strategy, store, session, question, deps.counter)
+                text, used = _context(strategy, store, session, question, deps.counter)
+                tokens += used
                 hits += key in text
                 stale_only += bool(stale) and stale in text and key not in text
             rows.append({"track": "current-fact", "lang": lang, "variant": name, "questions": len(facts),
-                         "recall": hits / len(facts), "stale_only": stale_only})
+                         "recall": hits / len(facts), "stale_only": stale_only,
+                         "memory_tokens": tokens / len(facts)})
             store.delete_session(session.id)
     return rows
 
@@ -162,9 +167,11 @@ def paraphrase_track(store: Any, deps: StrategyDeps, turns: int = 200) -> list[d
         for name, config, weights in VARIANTS:
             strategy = _strategy(config, weights, deps)
             session, _ = _play(store, strategy, config, script, lang, turns)
-            hits = sum(key in _context_text(strategy, store, session, q, deps.counter) for _, q, key in lines)
+            seen = [_context(strategy, store, session, q, deps.counter) for _, q, _ in lines]
+            hits = sum(key in text for (text, _), (_, _, key) in zip(seen, lines, strict=True))
             rows.append({"track": "paraphrase", "lang": lang, "variant": name, "questions": len(lines),
-                         "recall": hits / len(lines), "stale_only": 0})
+                         "recall": hits / len(lines), "stale_only": 0,
+                         "memory_tokens": sum(used for _, used in seen) / len(lines)})
             store.delete_session(session.id)
     return rows
 
@@ -195,10 +202,11 @@ def core_blocks_track(store: Any, deps: StrategyDeps, turns: int = 100) -> dict[
 
 
 def print_tracks(rows: list[dict[str, Any]], blocks: dict[str, Any] | None) -> None:
-    lines = ["track | lang | variant | questions | recall | stale only", "---|---|---|---|---|---"]
+    lines = ["track | lang | variant | questions | recall | stale only | memory tokens",
+             "---|---|---|---|---|---|---"]
     for r in rows:
         lines.append(f"{r['track']} | {r['lang']} | {r['variant']} | {r['questions']} | {r['recall']:.2f} | "
-                     f"{r['stale_only'] if r['track'] == 'current-fact' else '-'}")
+                     f"{r['stale_only'] if r['track'] == 'current-fact' else '-'} | {r['memory_tokens']:.0f}")
     print("\n".join(lines))
     print(f"\ntargets: current-fact recall >= {TARGETS['current_recall']} with long_term and 0 stale-only; "
           f"paraphrase recall >= {TARGETS['paraphrase_recall']}")
