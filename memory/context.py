@@ -23,15 +23,25 @@ prompt, the post-history note and (a part of) the new message are never dropped;
 fit, `ContextOverflow` is raised.
 
 Budget attribution (parts add up to `used` exactly): persona = count of the persona system prompt
-+ kept examples alone; memory = count with the memory block added minus persona; recent = the rest
-(recent turns, the new message, the post-history note and the generation prompt).
++ kept examples alone; memory = count with the memory block added minus persona; lore = count of
+the whole context minus the same context without lorebook entries; recent = the rest (recent turns,
+the new message, the post-history note and the generation prompt).
+
+Lorebook entries (`lore=`, activated by persona/lorebook.py, prompt order): `before_char` entries
+go before the persona's system text, `after_char` right after it (both in the first system
+message, so a lore change costs KV reuse from there on), `at_depth` ones become a message `depth`
+messages before the end of the conversation (0: after the new message) with their role (a system
+one as a marked user-side note, as transcript system messages are). First the entries over
+`lore_budget` tokens are dropped (lowest priority first, later entries before earlier ones on a
+tie); when the context does not fit, lore is dropped the same way right after retrieved exchanges.
+`ctx.memory["lore"]` names each inserted entry with its marginal token cost.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from memory.strategies.base import MemoryView, TokenCounter, group_exchanges, most_that_fit
 from memory.types import Message
@@ -39,6 +49,17 @@ from memory.types import Message
 TRUNCATION_MARKER = "…[truncated]"
 POST_HISTORY_MODES = ("user_suffix", "system")
 CONVERSATION_START = "[The conversation starts.]"
+
+
+class LoreItem(Protocol):
+    """An activated lorebook entry (persona.lorebook.Activated fits)."""
+
+    name: str
+    content: str
+    position: str  # before_char | after_char | at_depth
+    depth: int
+    role: str  # system | user | assistant
+    priority: int
 
 
 class ContextOverflow(ValueError):
@@ -68,20 +89,31 @@ class _Parts:
     new_text: str
     post_history: str | None
     post_history_mode: str
+    lore: list[Any] = field(default_factory=list)  # LoreItem, prompt order
 
-    def pinned(self, with_memory: bool) -> list[dict[str, str]]:
+    def _lore_text(self, position: str) -> str | None:
+        return "\n".join(e.content for e in self.lore if e.position == position) or None
+
+    def pinned(self, with_memory: bool, with_lore: bool = False) -> list[dict[str, str]]:
         block = memory_block(self.summary, self.retrieved, self.blocks, self.facts) if with_memory else None
-        system = "\n\n".join(t for t in (self.system, block) if t)
+        before = self._lore_text("before_char") if with_lore else None
+        after = self._lore_text("after_char") if with_lore else None
+        system = "\n\n".join(t for t in (before, self.system, after, block) if t)
         head = [{"role": "system", "content": system}] if system else []
         return head + [m for ex in self.examples for m in ex]
 
-    def messages(self) -> list[dict[str, str]]:
-        out = self.pinned(with_memory=True)
-        out += conversation([m for group in self.recent for m in group])
+    def messages(self, with_lore: bool = True) -> list[dict[str, str]]:
+        out = self.pinned(with_memory=True, with_lore=with_lore)
+        chat = conversation([m for group in self.recent for m in group])
         text = self.new_text
         if self.post_history and self.post_history_mode == "user_suffix":
             text = f"{text}\n\n[System note: {self.post_history}]"
-        out.append({"role": "user", "content": text})
+        chat.append({"role": "user", "content": text})
+        if with_lore:
+            for e in self.lore:
+                if e.position == "at_depth":
+                    chat.insert(max(0, len(chat) - e.depth), _lore_message(e))
+        out += chat
         if self.post_history and self.post_history_mode == "system":
             out.append({"role": "system", "content": self.post_history})
         return merge_same_roles(out)
@@ -98,6 +130,8 @@ def build_context(
     strategy: str,
     *,
     post_history_mode: str = "user_suffix",
+    lore: Sequence[LoreItem] = (),
+    lore_budget: int | None = None,
 ) -> Context:
     if post_history_mode not in POST_HISTORY_MODES:
         raise ValueError(f"post_history_mode must be one of {POST_HISTORY_MODES}, got {post_history_mode!r}")
@@ -114,8 +148,11 @@ def build_context(
         new_text=new_message,
         post_history=post_history,
         post_history_mode=post_history_mode,
+        lore=[e for e in lore if e.content],
     )
     warnings = list(view.warnings)
+    if parts.lore and lore_budget is not None:
+        _fit_lore(parts, counter, lore_budget)
 
     def fits() -> bool:
         return counter.count_messages(parts.messages()) <= limit
@@ -127,11 +164,17 @@ def build_context(
     persona = counter.count_messages(merge_same_roles(parts.pinned(False))) if parts.pinned(False) else 0
     with_memory = counter.count_messages(merge_same_roles(parts.pinned(True))) if parts.pinned(True) else 0
     memory_tokens = with_memory - persona if (parts.summary or parts.retrieved or parts.blocks or parts.facts) else 0
+    lore_tokens = used - counter.count_messages(parts.messages(with_lore=False)) if parts.lore else 0
     budget = {
         "context_window": context_window,
         "reserved_for_reply": reserved_for_reply,
         "used": used,
-        "parts": {"persona": persona, "memory": memory_tokens, "recent": used - persona - memory_tokens},
+        "parts": {
+            "persona": persona,
+            "memory": memory_tokens,
+            "lore": lore_tokens,
+            "recent": used - persona - memory_tokens - lore_tokens,
+        },
     }
     memory: dict[str, Any] = {"strategy": strategy}
     if parts.summary:
@@ -142,7 +185,45 @@ def build_context(
         memory["blocks"] = dict(parts.blocks)
     if parts.facts:
         memory["facts"] = parts.facts
+    if parts.lore:
+        memory["lore"] = _lore_costs(parts, counter, used)
     return Context(messages, used, budget, memory, warnings)
+
+
+def _lore_message(e: Any) -> dict[str, str]:
+    if e.role in ("user", "assistant"):
+        return {"role": e.role, "content": e.content}
+    return {"role": "user", "content": f"[System note: {e.content}]"}  # strict templates: system first only
+
+
+def _drop_order(lore: list[Any]) -> list[Any]:
+    """Lore in the order it is given up: lowest priority first, later entries before earlier ones."""
+    ranked = sorted(enumerate(lore), key=lambda p: (p[1].priority, -p[0]))
+    return [e for _, e in ranked]
+
+
+def _fit_lore(parts: _Parts, counter: TokenCounter, budget: int) -> None:
+    """Drop entries until the lore costs at most `budget` tokens (the lorebook's token_budget)."""
+    without = counter.count_messages(parts.messages(with_lore=False))
+    for e in _drop_order(parts.lore):
+        if counter.count_messages(parts.messages()) - without <= budget:
+            return
+        parts.lore = [x for x in parts.lore if x is not e]
+
+
+def _lore_costs(parts: _Parts, counter: TokenCounter, used: int) -> list[dict[str, Any]]:
+    """Each inserted entry and what it adds to the context, in the model's tokens."""
+    out = []
+    everything = parts.lore
+    try:
+        for e in everything:
+            parts.lore = [x for x in everything if x is not e]
+            tokens = used - counter.count_messages(parts.messages())
+            where = f"at_depth {e.depth} as {e.role}" if e.position == "at_depth" else e.position
+            out.append({"name": e.name, "position": where, "tokens": tokens})
+    finally:
+        parts.lore = everything
+    return out
 
 
 def _shrink(
@@ -161,6 +242,10 @@ def _shrink(
         return
     while parts.retrieved and not fits():
         parts.retrieved = parts.retrieved[:-1]
+    for e in _drop_order(parts.lore):
+        if fits():
+            break
+        parts.lore = [x for x in parts.lore if x is not e]
     if parts.facts and not fits():
         parts.facts = None
     if parts.summary and not fits():

@@ -7,7 +7,9 @@ Spec: https://github.com/malfoyslastname/character-card-spec-v2 . V3 cards (`cha
 Field mapping (card `data.*` -> Persona): name -> display_name (+ slug), description, personality,
 scenario, first_mes -> greeting, alternate_greetings, mes_example -> examples (`<START>` blocks of
 `{{user}}:`/`{{char}}:` lines), system_prompt, post_history_instructions -> post_history, tags,
-creator_notes. Memento's own fields (language, register, ...) travel in `data.extensions.memento`.
+creator_notes, character_book -> lorebook (persona/lorebook.py: V3 `@@depth`/`@@role` decorators and
+SillyTavern's entry extensions included), V3 group_only_greetings. Memento's own fields (language,
+register, ...) travel in `data.extensions.memento`. Exported cards carry the lorebook as `character_book`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from persona.errors import CardError
+from persona.lorebook import book_from_card, book_to_card
 from persona.schema import Persona
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -241,6 +244,8 @@ def card_to_persona(card: dict, name: str | None = None, source: str = "<card>")
         "system_prompt": text["system_prompt"],
         "greeting": text["first_mes"],
         "alternate_greetings": [_legacy_macros(g) for g in d.get("alternate_greetings") or [] if g],
+        "group_only_greetings": [_legacy_macros(g) for g in d.get("group_only_greetings") or [] if isinstance(g, str) and g],
+        "lorebook": book_from_card(d.get("character_book"), source),
         "examples": parse_mes_example(text["mes_example"], d["name"]),
         "post_history": text["post_history_instructions"],
         "tags": [str(t) for t in d.get("tags") or []],
@@ -274,6 +279,8 @@ def persona_to_card(persona: Persona) -> dict:
             "system_prompt": persona.system_prompt,
             "post_history_instructions": persona.post_history,
             "alternate_greetings": list(persona.alternate_greetings),
+            **({"group_only_greetings": list(persona.group_only_greetings)} if persona.group_only_greetings else {}),
+            **({"character_book": book_to_card(persona.lorebook)} if persona.lorebook else {}),
             "tags": list(persona.tags),
             "creator": "",
             "character_version": "",

@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from persona.errors import PersonaError
+from persona.lorebook import Lorebook, check_book
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -100,6 +101,7 @@ class Persona(BaseModel):
     system_prompt: str = Field("", max_length=MAX_TEXT, description="extra instructions placed first")
     greeting: str = Field("", max_length=MAX_TEXT)
     alternate_greetings: list[str] = Field(default_factory=list)
+    group_only_greetings: list[str] = Field(default_factory=list, description="V3 cards: greetings for group chats")
     language: str = Field("en", pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
     register: Register = "any"
     register_mode: RegisterMode = "off"
@@ -108,6 +110,7 @@ class Persona(BaseModel):
     user_name: str = Field("", max_length=100, description="{{user}} unless the caller names the user")
     tags: list[str] = Field(default_factory=list)
     creator_notes: str = Field("", max_length=MAX_TEXT)
+    lorebook: Lorebook | None = Field(None, description="world info: entries inserted when their keys appear")
 
     @field_validator("register_mode", mode="before")
     @classmethod
@@ -141,6 +144,8 @@ class Persona(BaseModel):
                 f"at register_mode: '{self.register_mode}' needs register banmal or polite "
                 "(set register, or register_mode: off)"
             )
+        if self.lorebook is not None:
+            check_book(self.lorebook)
         return self
 
     @property

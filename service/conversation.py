@@ -207,6 +207,7 @@ class Conversations:
         parts = build_prompt_parts(persona, remind=remind)
         view = self.strategy(session).view(session, history, new_message)
         reserved = self.reserve(max_tokens)
+        lore = active_lore(persona, history, new_message)
         ctx = build_context(
             pinned=parts.pinned,
             post_history=parts.post_history,
@@ -216,6 +217,8 @@ class Conversations:
             context_window=self.rt.context_window,
             reserved_for_reply=reserved,
             strategy=session.memory.get("strategy", ""),
+            lore=lore,
+            lore_budget=persona.lorebook.token_budget if persona.lorebook else None,
         )
         if warning:
             ctx.warnings.append(warning)
@@ -385,6 +388,17 @@ class WorkerEngine:
             lambda _job: engine.complete(prompt_ids, params, session_id=session_id, logits_processors=processors),
             background=True,
         )
+
+
+def active_lore(persona: Any, history: list[Message], new_message: str) -> list[Any]:
+    """The persona's lorebook entries the recent chat activates (persona/lorebook.py)."""
+    if not getattr(persona, "lorebook", None):
+        return []
+    from persona.lorebook import activate
+    from persona.prompt import user_name_for
+
+    recent = [m.content for m in history if m.role in ("user", "assistant")]
+    return activate(persona.lorebook, recent, new_message, char=persona.char, user=user_name_for(persona))
 
 
 def first_sentence(text: str) -> str:

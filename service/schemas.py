@@ -223,6 +223,7 @@ class TurnOut(BaseModel):
 class BudgetParts(BaseModel):
     persona: int
     memory: int
+    lore: int = 0  # lorebook entries inserted this turn (memory.lore names each with its cost)
     recent: int
 
 

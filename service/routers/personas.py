@@ -47,6 +47,25 @@ async def put_persona(name: str, request: Request, rt: RuntimeDep, user: UserDep
     return persona_out(rt, await run_in_threadpool(rt.personas.put, name, text))
 
 
+@router.put("/{name}/lorebook")
+async def put_lorebook(name: str, request: Request, rt: RuntimeDep, user: UserDep) -> dict[str, Any]:
+    """Body: world info JSON (SillyTavern's world-info file, a V2 `character_book`, or a whole card):
+    it becomes the persona's lorebook (a bundled persona gets a writable copy that carries it)."""
+    from persona.lorebook import parse_world_info
+    from persona.schema import dump_persona
+
+    raw = await request.body()
+    if len(raw) > MAX_PERSONA_BYTES:
+        raise APIError(413, f"world info is {len(raw)} bytes; the limit is {MAX_PERSONA_BYTES}", param="body")
+
+    def attach() -> Any:
+        persona = rt.personas.get(name)
+        book = parse_world_info(raw, source=f"world info for {name}")
+        return rt.personas.put(name, dump_persona(persona.model_copy(update={"lorebook": book})))
+
+    return persona_out(rt, await run_in_threadpool(attach))
+
+
 @router.delete("/{name}", status_code=204)
 async def delete_persona(name: str, rt: RuntimeDep, user: UserDep) -> Response:
     from persona.errors import PersonaError, PersonaNotFound
