@@ -199,7 +199,9 @@ function showContext(ctx) {
   const width = (n) => `${(100 * n) / b.context_window}%`;
   const parts = { ...b.parts, reply: b.reserved_for_reply };
   for (const [name, n] of Object.entries(parts)) {
-    $(`bar-${name}`).style.width = width(n);
+    const bar = $(`bar-${name}`);
+    if (!bar) continue; // a part this page does not draw yet
+    bar.style.width = width(n);
     $(`tok-${name}`).textContent = n;
   }
   $("inspector-tokens").textContent =
@@ -215,6 +217,13 @@ function showContext(ctx) {
     div.className = "exchange";
     div.textContent = ex.map((m) => `${m.role}: ${m.content}`).join("\n");
     retrieved.appendChild(div);
+  }
+  const lore = $("memory-lore");
+  lore.innerHTML = "";
+  for (const e of mem.lore || []) { // lorebook entries inserted this turn, with their token cost
+    const li = document.createElement("li");
+    li.textContent = `lore: ${e.name} (${e.position}, ${e.tokens} tokens)`;
+    lore.appendChild(li);
   }
   $("memory-warnings").textContent = (ctx.warnings || []).join("\n");
   $("inspector").dataset.updated = String(Date.now()); // tests wait on this
