@@ -347,22 +347,4 @@ def consistency_rate(labels: Iterable[str], register: str = "banmal") -> float:
     counted = [lab for lab in labels if lab not in ("neutral", "none")]
     return 1.0 if not counted else sum(lab == register for lab in counted) / len(counted)
 
-
-# ---------------------------------------------------------------- what a persona's register_mode asks for
-
-
-def processors_for(persona, tokenizer) -> list[RegisterGuard]:
-    """The logits processors a persona needs: [RegisterGuard] for register_mode "guard", else []."""
-    if persona.register_mode == "guard" and persona.register in ("banmal", "polite"):
-        return [RegisterGuard(tokenizer, persona.register)]
-    return []
-
-
-def remind_for(persona, recent_labels: Sequence[str]) -> bool:
-    """`remind` argument for build_prompt_parts: modes "remind" and "guard" both remind after a drift."""
-    return persona.register_mode in ("remind", "guard") and needs_reminder(recent_labels, persona.register)
-
-
-def should_check(persona) -> bool:
-    """Whether replies go through `repair_reply` before storing (register_mode "guard")."""
-    return persona.register_mode == "guard" and persona.register in ("banmal", "polite")
+# What a persona's register_mode asks for (guard, reminder, repair) is persona/register_policy.py.

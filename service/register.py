@@ -7,6 +7,8 @@ register_mode (persona file):  off    nothing
 - `guard_for`: the RegisterGuard logit processor in `guard` mode.
 - `post_check`: label the finished reply (stored in its metadata, counted in /metrics) and in
   `guard` mode repair a reply that still drifted (`persona.guard.repair_reply`) before storing.
+The policy itself (targets, drift, guard, label and repair) is `persona/register_policy.py`; this
+module adds what is the service's: labels read from the stored transcript, and /metrics.
 """
 
 from __future__ import annotations
@@ -16,60 +18,27 @@ from collections.abc import Callable
 from typing import Any
 
 from memory.types import Message
+from persona import register_policy
+from persona.register_policy import DRIFT_WINDOW, TARGETS, consistent, guard_for, target_of  # noqa: F401
 
 log = logging.getLogger("memento.register")
 
-TARGETS = ("banmal", "polite")
-DRIFT_WINDOW = 2  # recent replies looked at for a reminder
-
-
-def target_of(persona: Any) -> str | None:
-    """The register this persona must keep, or None when it does not care."""
-    if getattr(persona, "register", "any") in TARGETS and getattr(persona, "register_mode", "off") != "off":
-        return persona.register
-    return None
-
-
-def consistent(target: str, label: str) -> bool:
-    return label in (target, "none")  # "none": nothing to judge (an emoji, a number)
-
 
 def drifted(persona: Any, history: list[Message]) -> bool:
-    from persona.guard import needs_reminder
-
-    target = target_of(persona)
-    if target is None:
-        return False
     labels = [m.metadata.get("register", "none") for m in history if m.role == "assistant"]
-    return needs_reminder(labels, target, window=DRIFT_WINDOW)
-
-
-def guard_for(persona: Any, tokenizer: Any) -> Any | None:
-    if target_of(persona) is None or persona.register_mode != "guard":
-        return None
-    from persona.guard import RegisterGuard
-
-    return RegisterGuard(tokenizer, persona.register)
+    return register_policy.drifted(persona, labels)
 
 
 def post_check(
     persona: Any, text: str, metrics: Any = None, regenerate: Callable[[str], str] | None = None
 ) -> tuple[str, dict[str, Any]]:
     """(text to store, metadata to add). `regenerate(prefix)` returns one new sentence after `prefix`."""
-    target = target_of(persona)
-    if target is None:
+    checked = register_policy.check(persona, text, regenerate)
+    if checked.target is None:
         return text, {}
-    from persona.korean import classify_reply
-
-    label = classify_reply(text)
-    meta: dict[str, Any] = {"register": label}
-    if not consistent(target, label) and persona.register_mode == "guard" and regenerate is not None:
-        from persona.guard import repair_reply
-
-        result = repair_reply(regenerate, text, target)
-        log.info("register repair: %s reply -> %s (%d regenerations)", label, result.label, result.repairs)
-        text, meta = result.text, result.metadata
-        label = result.label
+    if checked.first_label != checked.label or "register_repairs" in checked.metadata:
+        log.info("register repair: %s reply -> %s (%s regenerations)", checked.first_label, checked.label,
+                 checked.metadata.get("register_repairs", 0))
     if metrics is not None:
-        metrics.record_register(target, consistent(target, label))
-    return text, meta
+        metrics.record_register(checked.target, checked.consistent)
+    return checked.text, checked.metadata

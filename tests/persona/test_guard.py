@@ -216,12 +216,20 @@ def test_guard_on_byte_level_vocabulary():
 
 def test_mode_helpers(tok):
     from persona import PersonaRegistry
-    from persona.guard import processors_for, remind_for, should_check
+    from persona.register_policy import check, drifted, guard_for, guards, target_of
 
     reg = PersonaRegistry()
     daughter, barista, assistant = reg.get("daughter-ko"), reg.get("barista-ko"), reg.get("assistant")
-    assert [type(p) for p in processors_for(daughter, tok)] == [RegisterGuard]
-    assert processors_for(barista, tok) == [] and processors_for(assistant, tok) == []
-    assert remind_for(barista, ["banmal"]) and not remind_for(barista, ["polite"])
-    assert remind_for(daughter, ["mixed"]) and not remind_for(assistant, ["mixed"])
-    assert should_check(daughter) and not should_check(barista) and not should_check(assistant)
+    assert isinstance(guard_for(daughter, tok), RegisterGuard)
+    assert guard_for(barista, tok) is None and guard_for(assistant, tok) is None
+    assert drifted(barista, ["banmal"]) and not drifted(barista, ["polite"])
+    assert drifted(daughter, ["mixed"]) and not drifted(assistant, ["mixed"])
+    assert guards(daughter) and not guards(barista) and not guards(assistant)
+    assert (target_of(daughter), target_of(barista), target_of(assistant)) == ("banmal", "polite", None)
+    # check: labels; guard mode repairs a drifted reply with the regenerator, remind mode only labels
+    fixed = check(daughter, "응, 먹었어. 아빠도 드셨어요?", regenerate=lambda prefix: "아빠도 먹었어?")
+    assert fixed.first_label == "mixed" and fixed.label == "banmal" and fixed.consistent
+    assert fixed.text == "응, 먹었어. 아빠도 먹었어?" and fixed.metadata["register_repairs"] == 1
+    only = check(barista, "응, 먹었어.", regenerate=lambda prefix: "네.")
+    assert only.text == "응, 먹었어." and not only.consistent and only.metadata == {"register": "banmal"}
+    assert check(assistant, "whatever").metadata == {}
