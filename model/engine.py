@@ -40,7 +40,9 @@ from model.sampling import (
     StopMatcher,
     apply_processors,
     make_generator,
-    sample,
+    penalize,
+    sample_penalized,
+    token_logprobs,
 )
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class GenerationEvent:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the final event
     usage: Usage | None = None  # on the final event
+    logprob: float | None = None  # with SamplingParams.logprobs: log p(token_id) after penalties
+    top_logprobs: list[tuple[int, float]] | None = None  # the `logprobs` most likely (id, log p)
 
 
 @dataclass
@@ -295,7 +299,9 @@ class Engine:
                 return finish("cancelled")
             # a plain copy (not an inference tensor) so processors may edit it in place
             scores = apply_processors(processors, generated, rows.pop(0).clone())
-            tok = sample(scores, params, gen, context)
+            scores = penalize(scores, params, context, generated)
+            tok = sample_penalized(scores, params, gen)
+            lp = token_logprobs(scores, tok, params.logprobs) if params.logprobs is not None else (None, None)
             if draft and tok == draft[0]:
                 draft.pop(0)  # confirmed: its KV is cached and the next row follows it
             elif draft:
@@ -305,7 +311,7 @@ class Engine:
                 return finish("stop")
             generated.append(tok)
             context.append(tok)
-            yield GenerationEvent(stops.push(detok.push(tok)), tok)
+            yield GenerationEvent(stops.push(detok.push(tok)), tok, logprob=lp[0], top_logprobs=lp[1])
             if stops.stopped:
                 return finish("stop", tail=False)
             if len(generated) == params.max_tokens:

@@ -2,15 +2,19 @@
 
     params = SamplingParams(temperature=0.7, top_p=0.9, seed=1)
     gen = make_generator(params.seed)
-    token = sample(logits, params, gen, prev_ids)          # logits: (vocab,) float32
+    token = sample(logits, params, gen, prev_ids, generated)   # logits: (vocab,) float32
 
-The order of transforms follows Hugging Face `generate`: repetition penalty, then temperature,
-top-k, top-p, min-p; temperature 0 is greedy (argmax, no randomness). Randomness comes only from
-the explicit `torch.Generator`, so one seed gives one reply whatever else runs in the process.
+The order of transforms: `penalize()` (HF repetition penalty over the whole context, OpenAI
+presence/frequency penalties over the reply so far, `logit_bias`), then temperature, top-k,
+top-p, min-p; temperature 0 is greedy (argmax, no randomness). Log-probabilities
+(`token_logprobs`) are taken after `penalize()` and before temperature, as vLLM reports them.
+Randomness comes only from the explicit `torch.Generator`, so one seed gives one reply whatever
+else runs in the process (the batched sampler in model/batch_sampler.py keeps one per row).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +22,7 @@ import torch
 
 # (token ids generated so far in this reply, next-token logits (vocab,) float32) -> new logits
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+MAX_LOGPROBS = 20  # top alternatives per token, OpenAI's limit
 
 
 @dataclass
@@ -30,6 +35,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0: off (HF semantics: >1 discourages repeats)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already in the reply
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the reply
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k alternatives
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ValueError:
@@ -54,6 +63,20 @@ class SamplingParams:
         self.stop = list(self.stop)
         if not all(isinstance(s, str) for s in self.stop) or any(s == "" for s in self.stop):
             raise bad("stop", self.stop, "must be a list of non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, getattr(self, name), "must be in [-2, 2] (0 turns it off)")
+        self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
+        if any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+            raise bad("logit_bias", self.logit_bias, "values must be in [-100, 100]")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether `penalize()` changes anything for these parameters."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -80,6 +103,47 @@ def apply_repetition_penalty(logits: torch.Tensor, prev_ids: Sequence[int], pena
     logits = logits.clone()
     logits[ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
     return logits
+
+
+def apply_presence_frequency(logits: torch.Tensor, generated: Sequence[int], presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI semantics: logit[j] -= frequency * count_j + presence * (count_j > 0), counting the
+    reply's own tokens."""
+    if (presence == 0.0 and frequency == 0.0) or len(generated) == 0:
+        return logits
+    counts = Counter(generated)
+    ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+    n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    logits = logits.clone()
+    logits[ids] -= frequency * n + presence
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    if not bias:
+        return logits
+    ids = torch.tensor([t for t in bias if 0 <= t < logits.numel()], dtype=torch.long, device=logits.device)
+    vals = torch.tensor([bias[int(t)] for t in ids.tolist()], dtype=logits.dtype, device=logits.device)
+    logits = logits.clone()
+    logits[ids] += vals
+    return logits
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, context: Sequence[int] = (),
+             generated: Sequence[int] = ()) -> torch.Tensor:
+    """Every transform that does not depend on temperature: repetition penalty (whole context),
+    presence/frequency penalties (the reply), logit bias."""
+    logits = apply_repetition_penalty(logits, context, params.repetition_penalty)
+    logits = apply_presence_frequency(logits, generated, params.presence_penalty, params.frequency_penalty)
+    return apply_logit_bias(logits, params.logit_bias)
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """(log p(token), the k most likely (id, log p) pairs) under `logits` (vocab,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, k) if k > 0 else None
+    alts = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return float(logp[token]), alts
 
 
 def mask_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,10 +180,17 @@ def sample(
     params: SamplingParams,
     generator: torch.Generator | None,
     prev_ids: Sequence[int] = (),
+    generated: Sequence[int] = (),
 ) -> int:
-    """Pick the next token from `logits` (vocab,). Pure: same inputs and generator state, same token."""
-    logits = logits.float().reshape(-1)
-    logits = apply_repetition_penalty(logits, prev_ids, params.repetition_penalty)
+    """Pick the next token from `logits` (vocab,). Pure: same inputs and generator state, same token.
+    `prev_ids`: the whole context (repetition penalty); `generated`: the reply so far
+    (presence/frequency penalties)."""
+    logits = penalize(logits.float().reshape(-1), params, prev_ids, generated)
+    return sample_penalized(logits, params, generator)
+
+
+def sample_penalized(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """`sample()` after `penalize()`: temperature, top-k, top-p, min-p, then a draw."""
     if params.greedy:
         return int(torch.argmax(logits))
     # Shift so the top logit is 0, divide in float64 (a temperature like 1e-300 is 0 in float32):

@@ -153,3 +153,33 @@ def test_near_zero_temperature_and_top_p_pick_the_top_token():
     logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
     for params in (SamplingParams(temperature=5e-324), SamplingParams(temperature=1e-30), SamplingParams(temperature=0.7, top_p=5e-324)):
         assert sample(logits, params, make_generator(0)) == 1
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    from model.sampling import penalize
+
+    logits = torch.zeros(4)
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = penalize(logits, p, context=[0, 1, 1, 2], generated=[1, 1, 2])
+    assert out.tolist() == [0.0, -(0.5 + 2 * 0.25), -(0.5 + 0.25), 0.0]  # the prompt's token 0 is not counted
+
+
+def test_logit_bias_moves_greedy_choice_and_is_validated():
+    p = SamplingParams(temperature=0, logit_bias={2: 100.0})
+    assert sample(torch.tensor([5.0, 1.0, 0.0]), p, None) == 2
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 101.0})
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty=3.0)
+
+
+def test_token_logprobs_are_log_softmax_with_top_alternatives():
+    from model.sampling import token_logprobs
+
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    lp, top = token_logprobs(logits, 1, 2)
+    want = torch.log_softmax(logits, -1)
+    assert abs(lp - float(want[1])) < 1e-6
+    assert [t for t, _ in top] == [0, 1] and abs(top[0][1] - float(want[0])) < 1e-6
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
