@@ -195,14 +195,21 @@ class Conversations:
         return max(1, min(want, self.rt.context_window // 2))
 
     def prepare(
-        self, session: Session, new_message: str, *, persona_name: str | None = None, max_tokens: int | None = None
+        self,
+        session: Session,
+        new_message: str,
+        *,
+        persona_name: str | None = None,
+        max_tokens: int | None = None,
+        history: list[Message] | None = None,
     ) -> Prepared:
-        """Memory mode: what the model sees for `new_message` in `session` (nothing is written)."""
+        """Memory mode: what the model sees for `new_message` in `session` (nothing is written).
+        `history`: the transcript to answer from (default: the stored one; regenerate passes a prefix)."""
         from memory.context import build_context
         from persona.prompt import build_prompt_parts
 
         persona, warning = self.session_persona(session, persona_name)
-        history = self.store.list_messages(session.id)
+        history = self.store.list_messages(session.id) if history is None else history
         remind = register.drifted(persona, history)
         parts = build_prompt_parts(persona, remind=remind)
         view = self.strategy(session).view(session, history, new_message)

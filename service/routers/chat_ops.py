@@ -1,0 +1,138 @@
+"""Chat operations under `/v1/sessions/{id}/messages/{message_id}/...` (logic: service/chat_ops.py).
+
+    POST   .../{mid}/regenerate          a new reply for the same turn, kept as a swipe
+    GET    .../{mid}/swipes              the alternatives and the one shown
+    POST   .../{mid}/swipes/{index}      show another alternative
+    POST   .../{mid}/continue            extend the last reply
+    PATCH  .../{mid}                     edit (the previous text stays in metadata.history)
+    DELETE .../{mid}                     delete one message
+    POST   .../{mid}/truncate            delete everything after it
+    POST   .../{mid}/fork                a new session with the transcript up to it
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.chat_ops import ChatOps
+from service.conversation import Sampling
+from service.deps import ConvDep, RuntimeDep, UserDep
+from service.errors import APIError
+from service.routers.sessions import check_length, message_out, session_out, turn_out
+from service.schemas import MessageOut, SessionOut, TurnOut
+from service.worker import run_job
+
+router = APIRouter(prefix="/v1/sessions/{session_id}/messages/{message_id}", tags=["chat operations"])
+
+
+class GenerateAgain(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    stop: list[str] | None = Field(None, max_length=4)
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_tokens, self.temperature, self.top_p, self.seed, [s for s in self.stop or [] if s])
+
+
+class MessageEdit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: str = Field(min_length=1)
+
+
+class ForkCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metadata: dict[str, Any] | None = None
+
+
+async def _again(session_id: str, message_id: str, body: GenerateAgain | None, user: str, conv: Any, rt: Any,
+                 cont: bool) -> TurnOut:
+    body = body or GenerateAgain()
+    ops = ChatOps(conv)
+    session = await run_in_threadpool(conv.get_session, session_id, user)
+    release = rt.in_flight.claim(session.id)
+    if release is None:
+        raise APIError(409, f"session {session_id!r} is already answering a message; retry when it is done",
+                       param="session_id", code="session_busy", headers={"Retry-After": "1"})
+    try:
+        prep = await run_in_threadpool(ops.prepare_again, session, message_id, body.max_tokens, cont=cont)
+        make = ops.continue_job if cont else ops.regenerate_job
+        job = make(session, message_id, prep, body.sampling())
+        result = await run_job(rt.worker, job, timeout=rt.settings.request_timeout, on_done=release)
+    except BaseException:
+        release()
+        raise
+    return turn_out(result)
+
+
+@router.post("/regenerate", response_model=TurnOut)
+async def regenerate(session_id: str, message_id: str, user: UserDep, conv: ConvDep, rt: RuntimeDep,
+                     body: GenerateAgain | None = None) -> TurnOut:
+    """A new reply to the same turn; the previous ones stay as swipes (`metadata.swipes`)."""
+    return await _again(session_id, message_id, body, user, conv, rt, cont=False)
+
+
+@router.post("/continue", response_model=TurnOut)
+async def continue_reply(session_id: str, message_id: str, user: UserDep, conv: ConvDep, rt: RuntimeDep,
+                         body: GenerateAgain | None = None) -> TurnOut:
+    """Extend the last reply where it stopped (its earlier text stays in `metadata.history`)."""
+    return await _again(session_id, message_id, body, user, conv, rt, cont=True)
+
+
+@router.get("/swipes")
+async def list_swipes(session_id: str, message_id: str, user: UserDep, conv: ConvDep) -> dict[str, Any]:
+    def load() -> dict[str, Any]:
+        return ChatOps(conv).swipes(conv.get_session(session_id, user), message_id)
+
+    return await run_in_threadpool(load)
+
+
+@router.post("/swipes/{index}", response_model=MessageOut)
+async def choose_swipe(session_id: str, message_id: str, index: int, user: UserDep, conv: ConvDep) -> MessageOut:
+    def choose() -> Any:
+        return ChatOps(conv).choose(conv.get_session(session_id, user), message_id, index)
+
+    return message_out(await run_in_threadpool(choose))
+
+
+@router.patch("", response_model=MessageOut)
+async def edit_message(session_id: str, message_id: str, body: MessageEdit, user: UserDep, conv: ConvDep,
+                       rt: RuntimeDep) -> MessageOut:
+    check_length(rt, body.content, "content")
+
+    def edit() -> Any:
+        return ChatOps(conv).edit(conv.get_session(session_id, user), message_id, body.content)
+
+    return message_out(await run_in_threadpool(edit))
+
+
+@router.delete("", status_code=204)
+async def delete_message(session_id: str, message_id: str, user: UserDep, conv: ConvDep) -> Response:
+    def delete() -> None:
+        ChatOps(conv).delete(conv.get_session(session_id, user), message_id)
+
+    await run_in_threadpool(delete)
+    return Response(status_code=204)
+
+
+@router.post("/truncate")
+async def truncate_after(session_id: str, message_id: str, user: UserDep, conv: ConvDep) -> dict[str, Any]:
+    def truncate() -> int:
+        return ChatOps(conv).truncate(conv.get_session(session_id, user), message_id)
+
+    return {"deleted": await run_in_threadpool(truncate), "last_message_id": message_id}
+
+
+@router.post("/fork", status_code=201, response_model=SessionOut)
+async def fork_session(session_id: str, message_id: str, user: UserDep, conv: ConvDep,
+                       body: ForkCreate | None = None) -> SessionOut:
+    def fork() -> Any:
+        return ChatOps(conv).fork(conv.get_session(session_id, user), message_id, body.metadata if body else None)
+
+    return session_out(await run_in_threadpool(fork))
