@@ -177,6 +177,25 @@ class ChatOps:
         self.conv.schedule_after_turn(child.id)  # the child's own summary / index
         return child
 
+    def greet(self, session: Session) -> Message:
+        """The persona's greeting as the first message; `alternate_greetings` are its swipes."""
+        from persona.prompt import render_macros, user_name_for
+
+        persona, _ = self.conv.session_persona(session, None)
+        if self.store.list_messages(session.id):
+            raise APIError(409, "the session already has messages; a greeting opens an empty session",
+                           param="session_id", code="not_empty")
+        user = user_name_for(persona)
+        texts = [render_macros(g.strip(), persona.char, user) for g in [persona.greeting, *persona.alternate_greetings]]
+        texts = [t for t in texts if t]
+        if not texts:
+            raise APIError(422, f"persona {persona.name!r} has no greeting; add `greeting:` to its file",
+                           param="persona", code="no_greeting")
+        meta: dict[str, Any] = {"greeting": True, "persona": persona.name}
+        if len(texts) > 1:
+            meta.update(swipes=texts, swipe_id=0)
+        return self.store.append_message(session.id, "assistant", texts[0], meta)
+
     def rebuild_memory(self, session_id: str) -> None:
         """The transcript changed in the past: recompute the derived memory from it (background)."""
 

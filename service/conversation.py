@@ -214,7 +214,7 @@ class Conversations:
         parts = build_prompt_parts(persona, remind=remind)
         view = self.strategy(session).view(session, history, new_message)
         reserved = self.reserve(max_tokens)
-        lore = active_lore(persona, history, new_message)
+        lore = active_lore(persona, history, new_message, session.metadata.get("authors_note"))
         ctx = build_context(
             pinned=parts.pinned,
             post_history=parts.post_history,
@@ -397,15 +397,23 @@ class WorkerEngine:
         )
 
 
-def active_lore(persona: Any, history: list[Message], new_message: str) -> list[Any]:
-    """The persona's lorebook entries the recent chat activates (persona/lorebook.py)."""
-    if not getattr(persona, "lorebook", None):
-        return []
-    from persona.lorebook import activate
-    from persona.prompt import user_name_for
+def active_lore(persona: Any, history: list[Message], new_message: str, note: dict | None = None) -> list[Any]:
+    """The persona's lorebook entries the recent chat activates (persona/lorebook.py), and the
+    session's author's note (`PUT .../authors_note`) when this user turn is one of its every Nth."""
+    from persona.lorebook import Activated, activate
+    from persona.prompt import render_macros, user_name_for
 
+    user = user_name_for(persona)
     recent = [m.content for m in history if m.role in ("user", "assistant")]
-    return activate(persona.lorebook, recent, new_message, char=persona.char, user=user_name_for(persona))
+    lore = activate(persona.lorebook, recent, new_message, char=persona.char, user=user) if persona.lorebook else []
+    if note and note.get("text"):
+        turn = 1 + sum(1 for m in history if m.role == "user")
+        if turn % int(note.get("every", 1)) == 0:
+            text = render_macros(note["text"], persona.char, user)
+            # kept last under a lorebook's token budget: the author asked for it explicitly
+            lore.append(Activated("authors_note", text, "at_depth", int(note.get("depth", 4)),
+                                  note.get("role", "system"), 10**9, 10**9))
+    return lore
 
 
 def first_sentence(text: str) -> str:

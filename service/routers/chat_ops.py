@@ -8,11 +8,13 @@
     DELETE .../{mid}                     delete one message
     POST   .../{mid}/truncate            delete everything after it
     POST   .../{mid}/fork                a new session with the transcript up to it
+    POST   /v1/sessions/{id}/greeting    the persona's greeting as the first message, alternates as swipes
+    PUT    /v1/sessions/{id}/authors_note   {text, depth, every, role}; DELETE removes it
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,7 +28,8 @@ from service.routers.sessions import check_length, message_out, session_out, tur
 from service.schemas import MessageOut, SessionOut, TurnOut
 from service.worker import run_job
 
-router = APIRouter(prefix="/v1/sessions/{session_id}/messages/{message_id}", tags=["chat operations"])
+router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["chat operations"])
+M = "/messages/{message_id}"
 
 
 class GenerateAgain(BaseModel):
@@ -44,6 +47,14 @@ class GenerateAgain(BaseModel):
 class MessageEdit(BaseModel):
     model_config = ConfigDict(extra="forbid")
     content: str = Field(min_length=1)
+
+
+class AuthorsNote(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=32_000)
+    depth: int = Field(4, ge=0, le=1000, description="messages from the end of the chat (0: after the new one)")
+    every: int = Field(1, ge=1, le=1000, description="inserted on every Nth user turn (1: always)")
+    role: Literal["system", "user", "assistant"] = "system"
 
 
 class ForkCreate(BaseModel):
@@ -71,21 +82,21 @@ async def _again(session_id: str, message_id: str, body: GenerateAgain | None, u
     return turn_out(result)
 
 
-@router.post("/regenerate", response_model=TurnOut)
+@router.post(M + "/regenerate", response_model=TurnOut)
 async def regenerate(session_id: str, message_id: str, user: UserDep, conv: ConvDep, rt: RuntimeDep,
                      body: GenerateAgain | None = None) -> TurnOut:
     """A new reply to the same turn; the previous ones stay as swipes (`metadata.swipes`)."""
     return await _again(session_id, message_id, body, user, conv, rt, cont=False)
 
 
-@router.post("/continue", response_model=TurnOut)
+@router.post(M + "/continue", response_model=TurnOut)
 async def continue_reply(session_id: str, message_id: str, user: UserDep, conv: ConvDep, rt: RuntimeDep,
                          body: GenerateAgain | None = None) -> TurnOut:
     """Extend the last reply where it stopped (its earlier text stays in `metadata.history`)."""
     return await _again(session_id, message_id, body, user, conv, rt, cont=True)
 
 
-@router.get("/swipes")
+@router.get(M + "/swipes")
 async def list_swipes(session_id: str, message_id: str, user: UserDep, conv: ConvDep) -> dict[str, Any]:
     def load() -> dict[str, Any]:
         return ChatOps(conv).swipes(conv.get_session(session_id, user), message_id)
@@ -93,7 +104,7 @@ async def list_swipes(session_id: str, message_id: str, user: UserDep, conv: Con
     return await run_in_threadpool(load)
 
 
-@router.post("/swipes/{index}", response_model=MessageOut)
+@router.post(M + "/swipes/{index}", response_model=MessageOut)
 async def choose_swipe(session_id: str, message_id: str, index: int, user: UserDep, conv: ConvDep) -> MessageOut:
     def choose() -> Any:
         return ChatOps(conv).choose(conv.get_session(session_id, user), message_id, index)
@@ -101,7 +112,7 @@ async def choose_swipe(session_id: str, message_id: str, index: int, user: UserD
     return message_out(await run_in_threadpool(choose))
 
 
-@router.patch("", response_model=MessageOut)
+@router.patch(M, response_model=MessageOut)
 async def edit_message(session_id: str, message_id: str, body: MessageEdit, user: UserDep, conv: ConvDep,
                        rt: RuntimeDep) -> MessageOut:
     check_length(rt, body.content, "content")
@@ -112,7 +123,7 @@ async def edit_message(session_id: str, message_id: str, body: MessageEdit, user
     return message_out(await run_in_threadpool(edit))
 
 
-@router.delete("", status_code=204)
+@router.delete(M, status_code=204)
 async def delete_message(session_id: str, message_id: str, user: UserDep, conv: ConvDep) -> Response:
     def delete() -> None:
         ChatOps(conv).delete(conv.get_session(session_id, user), message_id)
@@ -121,7 +132,7 @@ async def delete_message(session_id: str, message_id: str, user: UserDep, conv: 
     return Response(status_code=204)
 
 
-@router.post("/truncate")
+@router.post(M + "/truncate")
 async def truncate_after(session_id: str, message_id: str, user: UserDep, conv: ConvDep) -> dict[str, Any]:
     def truncate() -> int:
         return ChatOps(conv).truncate(conv.get_session(session_id, user), message_id)
@@ -129,10 +140,42 @@ async def truncate_after(session_id: str, message_id: str, user: UserDep, conv: 
     return {"deleted": await run_in_threadpool(truncate), "last_message_id": message_id}
 
 
-@router.post("/fork", status_code=201, response_model=SessionOut)
+@router.post(M + "/fork", status_code=201, response_model=SessionOut)
 async def fork_session(session_id: str, message_id: str, user: UserDep, conv: ConvDep,
                        body: ForkCreate | None = None) -> SessionOut:
     def fork() -> Any:
         return ChatOps(conv).fork(conv.get_session(session_id, user), message_id, body.metadata if body else None)
 
     return session_out(await run_in_threadpool(fork))
+
+
+@router.post("/greeting", status_code=201, response_model=MessageOut)
+async def greet(session_id: str, user: UserDep, conv: ConvDep) -> MessageOut:
+    """Store the persona's greeting as the first message; its alternate greetings are swipes of it."""
+
+    def store() -> Any:
+        return ChatOps(conv).greet(conv.get_session(session_id, user))
+
+    return message_out(await run_in_threadpool(store))
+
+
+@router.put("/authors_note", response_model=SessionOut)
+async def put_authors_note(session_id: str, body: AuthorsNote, user: UserDep, conv: ConvDep) -> SessionOut:
+    """An author's note inserted `depth` messages from the end on every `every`-th user turn."""
+
+    def put() -> Any:
+        session = conv.get_session(session_id, user)
+        metadata = {**session.metadata, "authors_note": body.model_dump()}
+        return conv.store.update_session(session.id, metadata=metadata)
+
+    return session_out(await run_in_threadpool(put))
+
+
+@router.delete("/authors_note", response_model=SessionOut)
+async def delete_authors_note(session_id: str, user: UserDep, conv: ConvDep) -> SessionOut:
+    def delete() -> Any:
+        session = conv.get_session(session_id, user)
+        metadata = {k: v for k, v in session.metadata.items() if k != "authors_note"}
+        return conv.store.update_session(session.id, metadata=metadata)
+
+    return session_out(await run_in_threadpool(delete))

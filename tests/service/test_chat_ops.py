@@ -126,3 +126,46 @@ def test_regenerate_a_greeting_and_ownership(tmp_path, tiny_lm):
 
 def transcript_as(c, sid, headers):
     return c.get(f"/v1/sessions/{sid}/messages", headers=headers).json()["data"]
+
+
+GREETER = ("---\nname: greeter\ndisplay_name: Mina\ndescription: Mina runs an inn.\ngreeting: Welcome, {{user}}!\n"
+           "alternate_greetings:\n  - Back again?\n  - Hello there.\nuser_name: Ada\n---\n")
+
+
+def test_greeting_with_alternates_as_swipes(app):
+    c = app.client
+    assert c.put("/v1/personas/greeter", content=GREETER.encode()).status_code == 200
+    sid = c.post("/v1/sessions", json={"persona": "greeter"}).json()["id"]
+    r = c.post(f"/v1/sessions/{sid}/greeting")
+    assert r.status_code == 201, r.text
+    g = r.json()
+    assert g["role"] == "assistant" and g["content"] == "Welcome, Ada!"
+    assert g["metadata"]["swipes"] == ["Welcome, Ada!", "Back again?", "Hello there."]
+    assert c.post(f"/v1/sessions/{sid}/messages/{g['id']}/swipes/2").json()["content"] == "Hello there."
+    assert c.post(f"/v1/sessions/{sid}/greeting").status_code == 409  # not an empty session any more
+    no_greeting = c.post("/v1/sessions", json={}).json()["id"]
+    assert c.post(f"/v1/sessions/{no_greeting}/greeting").status_code == 422
+    turn(c, sid, "a room for one, please")  # the chat goes on from the chosen greeting
+    assert transcript(c, sid)[0]["content"] == "Hello there."
+
+
+def test_authors_note_at_depth_every_n_turns(app):
+    c = app.client
+    sid = c.post("/v1/sessions", json={}).json()["id"]
+    r = c.put(f"/v1/sessions/{sid}/authors_note", json={"text": "Keep it short.", "depth": 0, "every": 2})
+    assert r.status_code == 200 and r.json()["metadata"]["authors_note"]["every"] == 2
+
+    def note_in_context() -> bool:
+        ctx = c.get(f"/v1/sessions/{sid}/context", params={"message": "hi"}).json()
+        return any(e["name"] == "authors_note" for e in ctx["memory"].get("lore", []))
+
+    assert not note_in_context()  # turn 1 of every 2
+    turn(c, sid, "one")
+    ctx = c.get(f"/v1/sessions/{sid}/context", params={"message": "two"}).json()
+    assert ctx["memory"]["lore"] == [{"name": "authors_note", "position": "at_depth 0 as system",
+                                      "tokens": ctx["budget"]["parts"]["lore"]}]
+    assert ctx["messages"][-1]["content"].endswith("[System note: Keep it short.]")
+    bad = c.put(f"/v1/sessions/{sid}/authors_note", json={"text": "x", "every": 0})
+    assert bad.status_code == 422 and "every" in bad.text
+    assert "authors_note" not in c.delete(f"/v1/sessions/{sid}/authors_note").json()["metadata"]
+    assert not note_in_context()
