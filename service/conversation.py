@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +46,10 @@ class Sampling:
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # fresh logit processors per generation (grammars keep parser state); one with
+    # `advance(index, token_id)` hears each sampled token early (service/structured.py)
+    processors: Callable[[], list[Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # more SamplingParams fields (penalties, logprobs)
 
 
 @dataclass
@@ -69,8 +74,12 @@ class TurnResult:
     usage: dict[str, int]
     message: Message | None = None  # the stored reply (memory mode)
     register_meta: dict[str, Any] = field(default_factory=dict)  # register label (+ repairs)
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI tool calls parsed from the reply (service/tools.py)
+    token_logprobs: list[Any] = field(default_factory=list)  # (token_id, logprob, top) per token, when asked
 
-    def openai_finish_reason(self) -> Literal["stop", "length"]:
+    def openai_finish_reason(self) -> Literal["stop", "length", "tool_calls"]:
+        if self.tool_calls and self.finish_reason == "stop":
+            return "tool_calls"
         return "stop" if self.finish_reason == "stop" else "length"
 
 
@@ -293,21 +302,29 @@ class Conversations:
             top_p=top_p,
             seed=sampling.seed,
             stop=sampling.stop,
+            **sampling.extra,
         )
         guard = register.guard_for(prep.persona, self.rt.tokenizer)
+        extra = sampling.processors() if sampling.processors is not None else []
+        early = [p for p in extra if hasattr(p, "advance")]
         events = self.rt.engine.generate(
             prep.prompt_ids,
             params,
             session_id=prep.session.id if prep.session is not None else None,
-            logits_processors=[guard] if guard is not None else [],
+            logits_processors=([guard] if guard is not None else []) + extra,
             should_stop=job.should_stop,
             prefix_len=prep.prefix_len,
         )
         pieces: list[str] = []
         first_token_at = None
+        n_tokens = 0
         for ev in events:
             if first_token_at is None and ev.token_id is not None:
                 first_token_at = time.monotonic()
+            if ev.token_id is not None:
+                for proc in early:  # the next mask is computed while the engine runs the forward
+                    proc.advance(n_tokens, ev.token_id)
+                n_tokens += 1
             if ev.text:
                 pieces.append(ev.text)
                 job.emit(ev.text)

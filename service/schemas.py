@@ -49,6 +49,41 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # "schema" shadows a BaseModel name
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -56,17 +91,22 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
     logit_bias: dict[str, float] | None = None  # accepted, not applied
-    logprobs: bool | None = None  # accepted; logprobs are not returned
+    logprobs: bool | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
     metadata: dict[str, str] | None = None
-    n: int | None = Field(None, ge=1, le=1)
+    n: int | None = Field(None, ge=1, le=8)  # stateless only: memory mode stores one reply
+    parallel_tool_calls: bool | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
+    response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None
     session_id: str | None = Field(None, min_length=1, max_length=200)  # extra (ours): memory mode
@@ -99,16 +139,49 @@ class CompletionUsage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
+class FunctionCall(BaseModel):
+    arguments: str  # JSON text, as OpenAI sends it
+    name: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatCompletionMessage(BaseModel):
     content: str | None
     refusal: str | None = None
     role: Literal["assistant"] = "assistant"
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    bytes: list[int] | None
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    bytes: list[int] | None
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Choice(BaseModel):
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     index: int = 0
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     message: ChatCompletionMessage
 
 
@@ -123,16 +196,29 @@ class ChatCompletion(BaseModel):
     session_id: str | None = None  # extra (ours): set in memory mode
 
 
+class FunctionCallDelta(BaseModel):
+    arguments: str | None = None
+    name: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    function: FunctionCallDelta | None = None
+    type: Literal["function"] | None = None
+
+
 class ChoiceDelta(BaseModel):
     content: str | None = None
     role: Literal["assistant"] | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     delta: ChoiceDelta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     index: int = 0
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -1,0 +1,227 @@
+"""Tool calling: OpenAI `tools` / `tool_choice` in, `tool_calls` out, the calls generated under a grammar.
+
+    plan = ToolPlan.build(body.tools, body.tool_choice, body.parallel_tool_calls, tokenizer)
+    messages = plan.render(history)           # tool definitions + tool-call history as prompt text
+    processors = [plan.constraint()]          # the call grammar (None: tool_choice "none")
+    calls = parse_calls(reply_text)           # [{"id", "type": "function", "function": {name, arguments}}]
+
+The built-in models' chat templates have no tools section, so tools are described with this
+documented fallback prompt (the Hermes / Qwen convention many small models were tuned on), put
+at the end of the first system message:
+
+    # Tools
+    You may call one or more functions to assist with the user query. ...
+    <tools>
+    {"type": "function", "function": {...}}          (one JSON line per tool)
+    </tools>
+    For each function call, return a JSON object with the function name and arguments within
+    <tool_call></tool_call> XML tags: <tool_call>{"name": <function-name>, "arguments": <args-json-object>}</tool_call>
+
+History uses the same convention: an assistant message's `tool_calls` become `<tool_call>` blocks
+in its content, and a `tool` message becomes a user turn `<tool_response>...</tool_response>`.
+
+The grammar (Lark for llguidance, one `%json` schema per call) makes the calls parse whatever the
+model's size: `required` / a named function allow only calls; `auto` allows calls or text, and the
+reply's first character decides (`<` starts calls, so an `auto` text reply cannot begin with `<`);
+`parallel_tool_calls: false` allows exactly one call, otherwise up to MAX_PARALLEL_CALLS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from service.errors import APIError
+from service.structured import MAX_SCHEMA_CHARS, ConstraintFactory, check_grammar, invalid_schema, lark_grammar
+
+MAX_PARALLEL_CALLS = 8
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
+FALLBACK_HEADER = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+)
+FALLBACK_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a JSON object with the function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n"
+    '<tool_call>{"name": <function-name>, "arguments": <args-json-object>}</tool_call>'
+)
+
+
+@dataclass
+class ToolPlan:
+    tools: list[dict[str, Any]]  # OpenAI tool objects as plain dicts
+    mode: str  # "none" | "auto" | "required" | "named"
+    names: list[str]  # the functions the grammar allows
+    parallel: bool
+    factory: ConstraintFactory | None
+
+    @classmethod
+    def build(cls, tools: list[Any] | None, tool_choice: Any, parallel: bool | None, tokenizer: Any) -> ToolPlan | None:
+        """None when the request has no tools; 400 naming the field for an unknown or bad tool."""
+        if not tools:
+            if tool_choice not in (None, "none", "auto"):
+                raise APIError(400, "tool_choice names a tool but 'tools' is empty; send the tools too",
+                               param="tool_choice", code="invalid_value")
+            return None
+        defs = [t.model_dump(exclude_none=True) for t in tools]
+        names = [d["function"]["name"] for d in defs]
+        if len(set(names)) != len(names):
+            raise APIError(400, f"tool names must be unique, got {names}", param="tools", code="invalid_value")
+        mode, allowed = choice_mode(tool_choice, names)
+        parallel = True if parallel is None else parallel
+        factory = None
+        if mode != "none":
+            schemas = [parameters_of(d, i) for i, d in enumerate(defs) if d["function"]["name"] in allowed]
+            grammar = calls_grammar(allowed, schemas, allow_text=mode == "auto", parallel=parallel)
+            check_grammar(grammar, tokenizer, param="tools")
+            factory = ConstraintFactory(tokenizer, grammar)
+        return cls(defs, mode, allowed, parallel, factory)
+
+    def render(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The chat with tool definitions in the system message (fallback prompt) unless mode is none."""
+        if self.mode == "none":
+            return messages
+        prompt = tools_prompt([d for d in self.tools if d["function"]["name"] in self.names])
+        if messages and messages[0]["role"] == "system":
+            first = dict(messages[0], content=messages[0]["content"].rstrip() + "\n\n" + prompt)
+            return [first] + messages[1:]
+        return [{"role": "system", "content": prompt}] + messages
+
+    def constraint(self) -> Any:
+        return self.factory() if self.factory is not None else None
+
+
+def choice_mode(tool_choice: Any, names: list[str]) -> tuple[str, list[str]]:
+    """("none"|"auto"|"required"|"named", allowed names) for OpenAI's tool_choice forms."""
+    if tool_choice is None or tool_choice == "auto":
+        return "auto", names
+    if tool_choice in ("none", "required"):
+        return str(tool_choice), names
+    name = tool_choice.function.name
+    if name not in names:
+        raise APIError(400, f"tool_choice names function {name!r}, which is not in 'tools' (have {names})",
+                       param="tool_choice.function.name", code="invalid_value")
+    return "named", [name]
+
+
+def parameters_of(tool: dict[str, Any], i: int) -> dict[str, Any]:
+    params = tool["function"].get("parameters") or {"type": "object", "properties": {}}
+    size = len(json.dumps(params))
+    if size > MAX_SCHEMA_CHARS:
+        raise APIError(400, f"tools[{i}].function.parameters is {size} characters of JSON; the limit is "
+                       f"{MAX_SCHEMA_CHARS}", param=f"tools[{i}].function.parameters", code="schema_too_large")
+    if params.get("type", "object") != "object":
+        raise invalid_schema(f"tools[{i}].function.parameters", "function parameters must be a JSON object schema")
+    return params
+
+
+def calls_grammar(names: list[str], schemas: list[dict[str, Any]], *, allow_text: bool, parallel: bool) -> str:
+    """Lark: one or more `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (or text, if allowed)."""
+    one_of = [
+        {"type": "object", "properties": {"name": {"const": n}, "arguments": s},
+         "required": ["name", "arguments"], "additionalProperties": False}
+        for n, s in zip(names, schemas, strict=True)
+    ]
+    call_schema = {"anyOf": one_of, "x-guidance": {"whitespace_flexible": False, "coerce_one_of": True}}
+    more = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
+    start = 'start: calls | TEXT | ""' if allow_text else "start: calls"
+    source = (
+        f"{start}\n"
+        "TEXT: /[^<](?s:.)*/\n"
+        f"calls: call {more}\n"
+        f'call: "{CALL_OPEN}" %json {json.dumps(call_schema)} "{CALL_CLOSE}"\n'
+    )
+    return lark_grammar(source)
+
+
+def tools_prompt(tools: list[dict[str, Any]]) -> str:
+    lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return FALLBACK_HEADER + lines + FALLBACK_FOOTER
+
+
+def history_message(m: Any) -> dict[str, Any]:
+    """One OpenAI message as a {role, content} the chat template can render (tool calls as text)."""
+    extra = m.model_extra or {}
+    text = m.text()
+    if m.role == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
+    if m.role == "assistant" and extra.get("tool_calls"):
+        blocks = [call_text(c) for c in extra["tool_calls"]]
+        return {"role": "assistant", "content": "\n".join(([text] if text else []) + blocks)}
+    return {"role": "system" if m.role == "developer" else m.role, "content": text}
+
+
+def call_text(call: dict[str, Any]) -> str:
+    fn = call.get("function") or {}
+    args = fn.get("arguments") or "{}"
+    try:
+        args_value = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        args_value = args  # the client's history is the client's: keep it as given
+    return CALL_OPEN + json.dumps({"name": fn.get("name"), "arguments": args_value}, ensure_ascii=False) + CALL_CLOSE
+
+
+def parse_calls(text: str) -> list[dict[str, Any]]:
+    """The OpenAI `tool_calls` in a reply (empty when it is plain text)."""
+    if not text.lstrip().startswith(CALL_OPEN):
+        return []
+    calls = []
+    for body in CALL_RE.findall(text):
+        try:
+            value = json.loads(body)
+        except json.JSONDecodeError:
+            continue  # cut by max_tokens: the grammar guarantees only complete calls
+        calls.append(openai_call(value["name"], value.get("arguments", {})))
+    return calls
+
+
+def openai_call(name: str, arguments: Any) -> dict[str, Any]:
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
+
+
+class CallStream:
+    """Turns streamed reply text into OpenAI deltas: `("content", text)` or `("tool_call", index, call)`.
+
+    The first non-blank character decides: `<` means tool calls (the grammar allows nothing else
+    there), so text is held until then. Each call is sent when its closing tag arrives, as one
+    delta with id, name and the whole arguments string (OpenAI's clients concatenate fragments, so
+    one fragment is valid).
+    """
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.mode: str | None = None  # None (undecided) | "content" | "calls"
+        self.sent = 0
+
+    def push(self, text: str) -> list[tuple[Any, ...]]:
+        self.buffer += text
+        if self.mode is None:
+            stripped = self.buffer.lstrip()
+            if not stripped:
+                return []
+            self.mode = "calls" if stripped.startswith("<") else "content"
+        if self.mode == "content":
+            out, self.buffer = self.buffer, ""
+            return [("content", out)] if out else []
+        return self._calls()
+
+    def _calls(self) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        for call in parse_calls(self.buffer)[self.sent:]:
+            out.append(("tool_call", self.sent, call))
+            self.sent += 1
+        return out
+
+    def finish(self) -> list[tuple[Any, ...]]:
+        if self.mode == "calls":
+            return self._calls()
+        out, self.buffer = self.buffer, ""
+        return [("content", out)] if out else []
