@@ -90,7 +90,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
-    logit_bias: dict[str, float] | None = None  # accepted, not applied
+    logit_bias: dict[str, float] | None = None  # token id -> bias in [-100, 100]
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens

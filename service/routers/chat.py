@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from memory.types import Session
 from service import sse
+from service.client_messages import chat_messages, logit_bias
 from service.conversation import Conversations, Prepared, Sampling, TurnResult
 from service.deps import ConvDep, RuntimeDep, UserDep
 from service.errors import APIError, not_found
@@ -61,6 +62,8 @@ async def chat_completions(
     persona = request.headers.get("x-persona") or body.persona
     limit = body.reply_limit()
     sampling = Sampling(limit, body.temperature, body.top_p, body.seed, body.stop_list())
+    if body.logit_bias:
+        sampling.extra["logit_bias"] = logit_bias(body.logit_bias, rt.tokenizer.vocab_size)
     if session_id:
         session = await run_in_threadpool(session_for, conv, body, user, session_id, persona)
         text = body.messages[-1].text()
@@ -70,7 +73,7 @@ async def chat_completions(
 
     else:
         session = None
-        messages = [{"role": ROLE_MAP.get(m.role, m.role), "content": m.text()} for m in body.messages]
+        messages = chat_messages(body.messages)  # several/mid-chat system messages, names (SillyTavern)
 
         def prepare() -> Prepared:
             return conv.prepare_stateless(messages, persona_name=persona, max_tokens=limit)
