@@ -53,6 +53,16 @@ class Sampling:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token with its log-probability (emitted instead of plain text when asked)."""
+
+    text: str  # the text this token added (may be "" while a character is incomplete)
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives (id, log p)
+
+
+@dataclass
 class Prepared:
     """Everything the worker needs for one generation; built off the worker thread."""
 
@@ -318,6 +328,7 @@ class Conversations:
         pieces: list[str] = []
         first_token_at = None
         n_tokens = 0
+        scored: list[TokenLogprob] = []  # with logprobs: one per generated token
         for ev in events:
             if first_token_at is None and ev.token_id is not None:
                 first_token_at = time.monotonic()
@@ -325,11 +336,17 @@ class Conversations:
                 for proc in early:  # the next mask is computed while the engine runs the forward
                     proc.advance(n_tokens, ev.token_id)
                 n_tokens += 1
+            if ev.token_id is not None and ev.logprob is not None:
+                scored.append(TokenLogprob(ev.text, ev.token_id, ev.logprob, ev.top_logprobs or []))
+                job.emit(scored[-1])  # the OpenAI routes stream logprobs with the text
+            elif ev.text:
+                job.emit(ev.text)
             if ev.text:
                 pieces.append(ev.text)
-                job.emit(ev.text)
             if ev.finished:
-                return self._finish(job, prep, "".join(pieces), ev, first_token_at, params, guard)
+                result = self._finish(job, prep, "".join(pieces), ev, first_token_at, params, guard)
+                result.token_logprobs = scored
+                return result
         raise RuntimeError("the engine ended without a final event")
 
     def _finish(

@@ -326,3 +326,121 @@ class ContextOut(BaseModel):
     budget: Budget
     memory: dict[str, Any]
     warnings: list[str] = Field(default_factory=list)  # extra (ours)
+
+
+# ---------------------------------------------------------------- OpenAI: completions, embeddings
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI caps this at 5; we allow the chat API's 20
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    n: int | None = Field(None, ge=1, le=8)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None  # accepted only when empty: no fill-in-the-middle
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    finish_reason: Literal["stop", "length"] | None
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    text: str
+
+
+class Completion(BaseModel):
+    id: str
+    choices: list[CompletionChoice]
+    created: int
+    model: str
+    object: Literal["text_completion"] = "text_completion"
+    system_fingerprint: str | None = None
+    usage: CompletionUsage | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    dimensions: int | None = Field(None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    embedding: list[float] | str  # str: base64 of little-endian float32, as OpenAI sends it
+    index: int
+    object: Literal["embedding"] = "embedding"
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    data: list[Embedding]
+    model: str
+    object: Literal["list"] = "list"
+    usage: EmbeddingUsage
+
+
+# ---------------------------------------------------------------- llama.cpp server: tokenize, detokenize
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: str
+    add_special: bool = False  # prepend BOS when the model has one
+    parse_special: bool = True  # special-token text like "<|im_end|>" becomes the special token
+    with_pieces: bool = False
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str | list[int]  # the token's text, or its bytes when they are not valid UTF-8 alone
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    content: str

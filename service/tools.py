@@ -35,7 +35,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import APIError
-from service.structured import MAX_SCHEMA_CHARS, ConstraintFactory, check_grammar, invalid_schema, lark_grammar
+from service.structured import (
+    MAX_SCHEMA_CHARS,
+    ConstraintFactory,
+    check_grammar,
+    invalid_schema,
+    lark_grammar,
+)
 
 MAX_PARALLEL_CALLS = 8
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -143,16 +149,20 @@ def tools_prompt(tools: list[dict[str, Any]]) -> str:
     return FALLBACK_HEADER + lines + FALLBACK_FOOTER
 
 
-def history_message(m: Any) -> dict[str, Any]:
-    """One OpenAI message as a {role, content} the chat template can render (tool calls as text)."""
-    extra = m.model_extra or {}
-    text = m.text()
-    if m.role == "tool":
-        return {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
-    if m.role == "assistant" and extra.get("tool_calls"):
-        blocks = [call_text(c) for c in extra["tool_calls"]]
-        return {"role": "assistant", "content": "\n".join(([text] if text else []) + blocks)}
-    return {"role": "system" if m.role == "developer" else m.role, "content": text}
+def history(messages: list[Any]) -> list[Any]:
+    """The client's messages with tool traffic as text: a `tool` message becomes a user turn
+    `<tool_response>...</tool_response>`, an assistant's `tool_calls` become `<tool_call>` blocks."""
+    out = []
+    for m in messages:
+        calls = (m.model_extra or {}).get("tool_calls")
+        if m.role == "tool":
+            m = m.model_copy(update={"role": "user", "content": f"<tool_response>\n{m.text()}\n</tool_response>"})
+        elif m.role == "assistant" and calls:
+            text = m.text()
+            content = "\n".join(([text] if text else []) + [call_text(c) for c in calls])
+            m = m.model_copy(update={"content": content})
+        out.append(m)
+    return out
 
 
 def call_text(call: dict[str, Any]) -> str:
@@ -222,6 +232,9 @@ class CallStream:
 
     def finish(self) -> list[tuple[Any, ...]]:
         if self.mode == "calls":
-            return self._calls()
+            calls = self._calls()
+            if self.sent:
+                return calls
+            self.mode = "content"  # cut before one call completed: show the text, as the non-stream reply does
         out, self.buffer = self.buffer, ""
         return [("content", out)] if out else []

@@ -7,10 +7,12 @@ Without one the call is stateless. A persona comes from header `X-Persona` or bo
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,6 +25,7 @@ from service.client_messages import chat_messages, logit_bias
 from service.conversation import Conversations, Prepared, Sampling, TurnResult
 from service.deps import ConvDep, RuntimeDep, UserDep
 from service.errors import APIError, not_found
+from service.routers.completions import merge, seeded, total_usage
 from service.routers.sessions import check_length, start_turn, stream_error
 from service.schemas import (
     ChatCompletion,
@@ -31,12 +34,20 @@ from service.schemas import (
     ChatCompletionRequest,
     Choice,
     ChoiceDelta,
+    ChoiceLogprobs,
     ChunkChoice,
     CompletionUsage,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
 )
+from service.structured import ConstraintFactory, check_grammar, response_format_grammar
+from service.tools import CallStream, ToolPlan, parse_calls
+from service.tools import history as tool_history
 from service.worker import KEEPALIVE
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -64,31 +75,46 @@ async def chat_completions(
     sampling = Sampling(limit, body.temperature, body.top_p, body.seed, body.stop_list())
     if body.logit_bias:
         sampling.extra["logit_bias"] = logit_bias(body.logit_bias, rt.tokenizer.vocab_size)
+    plan = await run_in_threadpool(output_plan, body, rt.tokenizer, sampling)  # tools / response_format
+    sampling.extra.update(chat_sampling_extra(body))
+    n = body.n or 1
+    if session_id and n > 1:
+        raise APIError(422, "n > 1 is for stateless calls: a session stores one reply per turn",
+                       param="n", code="invalid_value")
+    body.messages = tool_history(body.messages)  # tool results and calls as text the template renders
     if session_id:
         session = await run_in_threadpool(session_for, conv, body, user, session_id, persona)
         text = body.messages[-1].text()
 
         def prepare() -> Prepared:
-            return conv.prepare(session, text, persona_name=persona, max_tokens=limit)
+            return with_tools(conv, conv.prepare(session, text, persona_name=persona, max_tokens=limit), plan, limit)
 
     else:
         session = None
         messages = chat_messages(body.messages)  # several/mid-chat system messages, names (SillyTavern)
 
         def prepare() -> Prepared:
-            return conv.prepare_stateless(messages, persona_name=persona, max_tokens=limit)
+            return conv.prepare_stateless(plan.render(messages) if plan else messages, persona_name=persona,
+                                          max_tokens=limit)
 
-    outcome = await start_turn(rt, conv, session.id if session else None, prepare, sampling, bool(body.stream))
+    sid = session.id if session else None
+    outcomes = []
+    for j in range(n):  # n choices: seeds seed + j; the scheduler batches the concurrent requests
+        choice_sampling = replace(sampling, seed=seeded(sampling.seed, j))
+        outcomes.append(start_turn(rt, conv, sid, prepare, choice_sampling, bool(body.stream)))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.lm.name}
     headers = {"X-Session-ID": session.id} if session is not None else {}
+    tools_on = plan is not None and plan.mode != "none"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.response(openai_stream(outcome, meta, include_usage), headers=headers)
-    result: TurnResult = outcome
+        streams = [await o for o in outcomes]
+        return sse.response(openai_stream(merge(streams), meta, include_usage, n, tools_on, rt.tokenizer),
+                            headers=headers)
+    results: list[TurnResult] = list(await asyncio.gather(*outcomes))
     completion = ChatCompletion(
         **meta,
-        choices=[Choice(finish_reason=result.openai_finish_reason(), message=ChatCompletionMessage(content=result.text))],
-        usage=openai_usage(result),
+        choices=[chat_choice(i, r, tools_on, rt.tokenizer, body.logprobs) for i, r in enumerate(results)],
+        usage=total_usage(results),
         session_id=session.id if session is not None else None,
     )
     return JSONResponse(completion.model_dump(exclude={"session_id"} if session is None else None), headers=headers)
@@ -131,25 +157,104 @@ def openai_usage(result: TurnResult) -> CompletionUsage:
     )
 
 
-async def openai_stream(items: AsyncIterator[Any], meta: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
-    """Chunks as OpenAI sends them: a role chunk, content chunks, a finish chunk, an optional
-    usage chunk (empty `choices`), then [DONE]."""
+def output_plan(body: ChatCompletionRequest, tok: Any, sampling: Sampling) -> ToolPlan | None:
+    """Put the request's grammar on `sampling` (tool calls, else response_format); the tool plan."""
+    plan = ToolPlan.build(body.tools, body.tool_choice, body.parallel_tool_calls, tok)
+    if plan is not None and plan.factory is not None:
+        sampling.processors = lambda: [plan.constraint()]
+        return plan
+    grammar = response_format_grammar(body.response_format)
+    if grammar is not None:
+        param = "response_format" if body.response_format.type == "json_object" else "response_format.json_schema.schema"
+        check_grammar(grammar, tok, param=param)
+        factory = ConstraintFactory(tok, grammar)
+        sampling.processors = lambda: [factory()]
+    return plan
+
+
+def with_tools(conv: Conversations, prep: Prepared, plan: ToolPlan | None, limit: int | None) -> Prepared:
+    """Memory mode: the context the strategy built, with the tool definitions in its system message.
+    The transcript keeps calls and results as the same `<tool_call>` / `<tool_response>` text."""
+    if plan is None or plan.mode == "none":
+        return prep
+    out = conv._tokenize(plan.render(prep.messages), 0, prep.persona, limit)
+    out.session, out.new_message, out.ctx, out.remind = prep.session, prep.new_message, prep.ctx, prep.remind
+    return out
+
+
+def chat_sampling_extra(body: ChatCompletionRequest) -> dict[str, Any]:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    extra: dict[str, Any] = {}
+    if body.presence_penalty:
+        extra["presence_penalty"] = body.presence_penalty
+    if body.frequency_penalty:
+        extra["frequency_penalty"] = body.frequency_penalty
+    if body.logprobs:
+        extra["logprobs"] = body.top_logprobs or 0
+    return extra
+
+
+def chat_choice(i: int, r: TurnResult, tools_on: bool, tok: Any, logprobs: bool | None) -> Choice:
+    if tools_on:
+        r.tool_calls = parse_calls(r.text) or None
+    message = ChatCompletionMessage(content=None if r.tool_calls else r.text, tool_calls=r.tool_calls)
+    lp = chat_logprobs(tok, r.token_logprobs) if logprobs else None
+    return Choice(finish_reason=r.openai_finish_reason(), index=i, logprobs=lp, message=message)
+
+
+def chat_logprobs(tok: Any, scored: list[Any]) -> ChoiceLogprobs:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        return {"token": tok.decode([token_id]), "bytes": list(tok.token_bytes(token_id)), "logprob": logprob}
+
+    return ChoiceLogprobs(content=[
+        TokenLogprob(**entry(s.token_id, s.logprob), top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in s.top])
+        for s in scored
+    ])
+
+
+async def openai_stream(items: AsyncIterator[tuple[int, Any]], meta: dict[str, Any], include_usage: bool,
+                        n: int = 1, tools_on: bool = False, tok: Any = None) -> AsyncIterator[bytes]:
+    """Chunks as OpenAI sends them: a role chunk per choice, content (or tool-call) chunks, one
+    finish chunk per choice, an optional usage chunk (empty `choices`), then [DONE]."""
 
     def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> bytes:
         data = ChatCompletionChunk(**meta, choices=choices, usage=usage).model_dump(exclude_none=not include_usage)
         return sse.event(data)
 
-    yield chunk([ChunkChoice(delta=ChoiceDelta(role="assistant", content=""))])
+    calls = [CallStream() if tools_on else None for _ in range(n)]
+    results: list[TurnResult] = []
+    for i in range(n):
+        yield chunk([ChunkChoice(delta=ChoiceDelta(role="assistant", content=""), index=i)])
     try:
-        async for item in items:
+        async for i, item in items:
             if item is KEEPALIVE:
                 yield sse.KEEPALIVE
-            elif isinstance(item, str):
-                yield chunk([ChunkChoice(delta=ChoiceDelta(content=item))])
+            elif isinstance(item, TurnResult):
+                for delta in (calls[i].finish() if calls[i] else []):
+                    yield chunk([ChunkChoice(delta=stream_delta(delta), index=i)])
+                item.tool_calls = parse_calls(item.text) or None if tools_on else None
+                results.append(item)
+                yield chunk([ChunkChoice(delta=ChoiceDelta(), finish_reason=item.openai_finish_reason(), index=i)])
             else:
-                yield chunk([ChunkChoice(delta=ChoiceDelta(), finish_reason=item.openai_finish_reason())])
-                if include_usage:
-                    yield chunk([], usage=openai_usage(item))
+                text = item if isinstance(item, str) else item.text
+                if calls[i] is None:
+                    lp = None if isinstance(item, str) else chat_logprobs(tok, [item])
+                    yield chunk([ChunkChoice(delta=ChoiceDelta(content=text), index=i, logprobs=lp)])
+                    continue
+                for delta in calls[i].push(text):
+                    yield chunk([ChunkChoice(delta=stream_delta(delta), index=i)])
+        if include_usage:
+            yield chunk([], usage=total_usage(results))
     except Exception as exc:  # headers are sent: the error can only travel in the stream
         yield sse.event(stream_error(exc))
     yield sse.DONE
+
+
+def stream_delta(delta: tuple[Any, ...]) -> ChoiceDelta:
+    """A CallStream item as an OpenAI delta: content text, or one whole tool call."""
+    if delta[0] == "content":
+        return ChoiceDelta(content=delta[1])
+    _, index, call = delta
+    fn = FunctionCallDelta(name=call["function"]["name"], arguments=call["function"]["arguments"])
+    return ChoiceDelta(tool_calls=[ToolCallDelta(index=index, id=call["id"], type="function", function=fn)])
