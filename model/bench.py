@@ -7,10 +7,8 @@ One process, same GGUF, same dtype, same prompts, greedy, batch 1:
 - prefill tokens/s: a ~256-token prompt, time to the first token with nothing cached;
 - decode tokens/s: 64 new tokens of a chat reply (end-of-turn tokens suppressed on both sides so
   lengths match);
-  ours as configured by default (greedy verifies prompt-lookup drafts, same output) and with
-  speculation off (one token per forward);
-  and with weights kept quantized ("ours (quantized weights, fp32 compute)", model/qlinear.py),
-  eager and with the one-token step torch.compile'd (Engine(compile=True), no drafts);
+  ours as configured by default (the batched engine with one sequence),
+  and with weights kept quantized ("ours (quantized weights, fp32 compute)", model/qlinear.py);
 - TTFT at turns 1, 10, 20, 30 of a scripted chat: ours with session reuse (the KV cache of the
   previous turns is kept), ours without, and transformers re-prefilling the whole history
   (its fair use: `generate` keeps no cache between calls).
@@ -156,27 +154,23 @@ def throughput(lm, hf, eos, lq=None) -> dict:
     short = tok.apply_chat_template([{"role": "system", "content": SYSTEM},
                                      {"role": "user", "content": "Tell me a short story about a lighthouse keeper."}])
     out: dict = {"prefill_prompt_tokens": len(prompt), "decode_tokens": DECODE_TOKENS}
-    eng, plain = Engine(lm), Engine(lm, speculate=0)  # plain: one token per forward, the raw cost
+    eng = Engine(lm)
     qeng = Engine(lq) if lq is not None else None  # quantized weights, same engine settings as `eng`
-    # and the whole one-token step compiled (Inductor fuses everything; ~2 min to compile on 2 cores)
-    qcomp = Engine(lq, compile=True, compile_capacity=1024) if lq is not None else None
     ours_stream_times(eng, short, 4, eos=eos)  # warm-up
     if qeng is not None:
         ours_stream_times(qeng, short, 4, eos=eos)
-        ours_stream_times(qcomp, short, 4, eos=eos)
     if hf is not None:
         hf_generate(hf, short, 4, eos)
     # interleaved rounds, so that both sides see the same machine load; medians at the end
     runs: dict[str, list[float]] = {}
     for _ in range(REPEATS):
-        for key, fn in timed_runs(lm, hf, eng, plain, prompt, short, eos, qeng, qcomp).items():
+        for key, fn in timed_runs(lm, hf, eng, prompt, short, eos, qeng).items():
             runs.setdefault(key, []).append(fn())
     for key, values in runs.items():
         out[key] = statistics.median(values)
     if hf is not None:
         out["prefill_ratio"] = out["ours_prefill_tok_s"] / out["hf_prefill_tok_s"]
         out["decode_ratio"] = out["ours_decode_tok_s"] / out["hf_decode_tok_s"]
-        out["plain_decode_ratio"] = out["ours_plain_decode_tok_s"] / out["hf_decode_tok_s"]
         # same weights, same greedy decoding: the tokens must agree too
         ours_ids = Engine(lm).complete(short, SamplingParams(temperature=0, max_tokens=16),
                                        logits_processors=[ban(eos)]).token_ids
@@ -184,29 +178,21 @@ def throughput(lm, hf, eos, lq=None) -> dict:
         out["same_greedy_tokens"] = ours_ids == hf_ids
         if qeng is not None:
             out["quantized_decode_ratio"] = out["ours_quantized_decode_tok_s"] / out["hf_decode_tok_s"]
-            out["quantized_compiled_decode_ratio"] = (out["ours_quantized_compiled_decode_tok_s"]
-                                                      / out["hf_decode_tok_s"])
             q_ids = Engine(lq).complete(short, SamplingParams(temperature=0, max_tokens=16),
                                         logits_processors=[ban(eos)]).token_ids
             out["quantized_same_greedy_tokens"] = q_ids == hf_ids
-            c_ids = qcomp.complete(short, SamplingParams(temperature=0, max_tokens=16),
-                                   logits_processors=[ban(eos)]).token_ids
-            out["quantized_compiled_same_greedy_tokens"] = c_ids == hf_ids
     return out
 
 
-def timed_runs(lm, hf, eng, plain, prompt, short, eos, qeng=None, qcomp=None) -> dict[str, Callable[[], float]]:
+def timed_runs(lm, hf, eng, prompt, short, eos, qeng=None) -> dict[str, Callable[[], float]]:
     """One measurement each: name -> function returning tokens/s."""
     n = DECODE_TOKENS
     runs = {
         "ours_prefill_tok_s": lambda: len(prompt) / ours_stream_times(Engine(lm), prompt, 1)[0],
         "ours_decode_tok_s": lambda: ours_stream_times(eng, short, n, eos=eos)[1],
-        "ours_plain_decode_tok_s": lambda: ours_stream_times(plain, short, n, eos=eos)[1],
     }
     if qeng is not None:
         runs["ours_quantized_decode_tok_s"] = lambda: ours_stream_times(qeng, short, n, eos=eos)[1]
-    if qcomp is not None:
-        runs["ours_quantized_compiled_decode_tok_s"] = lambda: ours_stream_times(qcomp, short, n, eos=eos)[1]
     if hf is not None:
         runs["hf_prefill_tok_s"] = lambda: len(prompt) / median_time(lambda: hf_generate(hf, prompt, 1, eos), 1)
         runs["hf_decode_tok_s"] = lambda: (n - 1) / (
@@ -216,16 +202,9 @@ def timed_runs(lm, hf, eng, plain, prompt, short, eos, qeng=None, qcomp=None) ->
 
 
 def probe_reuse_ttft(eng: Engine, session_id: str, prompt: list[int], n: int) -> list[float]:
-    """TTFT of `prompt` on n throw-away copies of the session's cache (the state before the turn),
-    for a median instead of one noisy sample."""
-    base = eng.sessions.get(session_id)
-    out = []
-    for _ in range(n):
-        if base is not None:
-            eng.sessions["_probe"] = eng._copy(base, len(base.tokens))
-        out.append(ours_stream_times(eng, prompt, 1, session_id="_probe")[0])
-        eng.drop_session("_probe")
-    return out
+    """TTFT of `prompt` n times against the session's cached blocks (they are immutable, so a
+    probe leaves the state before the turn as it was), for a median instead of one noisy sample."""
+    return [ours_stream_times(eng, prompt, 1, session_id=session_id)[0] for _ in range(n)]
 
 
 def conversation_ttft(lm, hf, turns: Sequence[int]) -> dict:
@@ -273,7 +252,7 @@ def gpu_bandwidth_gbps(name: str) -> float | None:
 
 def gpu_section(tokenizer, bandwidth_gbps: float | None = None, n_tokens: int = 128, device: str = "cuda",
                 dtype: torch.dtype = torch.bfloat16, shape: dict | None = None,
-                modes: Sequence[str] = ("eager", "compiled")) -> dict:
+                modes: Sequence[str] = ("eager",)) -> dict:
     """Random-weight ~1B Llama (Llama-3.2-1B shape) in bfloat16: decode tok/s vs the bandwidth bound.
     `device`, `dtype`, `shape` exist so the section can be smoke-tested small on CPU."""
     from model.config import ModelArgs
@@ -300,7 +279,7 @@ def gpu_section(tokenizer, bandwidth_gbps: float | None = None, n_tokens: int = 
     bound = bw * 1e9 / weight_bytes if bw else None
     out["bound_tok_s"] = bound
     for label in modes:
-        eng = Engine(lm, compile=label == "compiled", compile_capacity=1024)
+        eng = Engine(lm)
         for _ in range(2):  # warm-up (compilation, CUDA graph capture)
             ours_stream_times(eng, prompt, 16, session_id="g", eos=tokenizer.eos_ids)
             eng.drop_session("g")
@@ -377,18 +356,13 @@ def print_table(result: dict, file=None) -> None:
       f"{_fmt(t.get('prefill_ratio'), '.2f'):>8}")
     p(f"{'decode tok/s':40}{_fmt(t['ours_decode_tok_s']):>10}{_fmt(t.get('hf_decode_tok_s')):>14}"
       f"{_fmt(t.get('decode_ratio'), '.2f'):>8}")
-    p(f"{'  without lookup drafts':40}{_fmt(t['ours_plain_decode_tok_s']):>10}{'':>14}"
-      f"{_fmt(t.get('plain_decode_ratio'), '.2f'):>8}")
     if "ours_quantized_decode_tok_s" in t:
         p(f"{'ours (quantized weights, fp32 compute)':40}{_fmt(t['ours_quantized_decode_tok_s']):>10}{'':>14}"
           f"{_fmt(t.get('quantized_decode_ratio'), '.2f'):>8}")
-    if "ours_quantized_compiled_decode_tok_s" in t:
-        p(f"{'  compiled one-token step':40}{_fmt(t['ours_quantized_compiled_decode_tok_s']):>10}"
-          f"{'':>14}{_fmt(t.get('quantized_compiled_decode_ratio'), '.2f'):>8}")
     if "same_greedy_tokens" in t:
         p(f"same greedy tokens as transformers: {t['same_greedy_tokens']}"
-          + (f"  (quantized weights: {t['quantized_same_greedy_tokens']}, compiled step: "
-             f"{t['quantized_compiled_same_greedy_tokens']})" if "quantized_same_greedy_tokens" in t else ""))
+          + (f"  (quantized weights: {t['quantized_same_greedy_tokens']})"
+             if "quantized_same_greedy_tokens" in t else ""))
     c = result["ttft"]
     p("")
     p(f"{'TTFT (ms)':10}{'prompt':>8}{'cached':>8}{'ours reuse':>12}{'ours fresh':>12}{'transformers':>14}")
@@ -404,7 +378,7 @@ def print_table(result: dict, file=None) -> None:
         p("")
         p(f"gpu {g['device_name']}: {g['params'] / 1e9:.2f}B params bf16, bound {_fmt(g['bound_tok_s'])} tok/s "
           f"({_fmt(g['bandwidth_gbps'], '.0f')} GB/s)")
-        for label in ("eager", "compiled"):
+        for label in ("eager",):
             if f"{label}_decode_tok_s" not in g:
                 continue
             frac = g.get(f"{label}_fraction_of_bound")

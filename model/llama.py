@@ -8,7 +8,9 @@ optional Llama-3 / linear scaling), SwiGLU feed-forward, tied or untied output h
 
 With cache=None it is a full causal forward over positions input_pos (starting at 0). With a
 cache, new keys/values are written at slots `input_pos` and attention spans the cached slots
-(see model/kv_cache.py for the torch.compile-friendly static variant). `shift_cache` drops
+(see model/kv_cache.py for the torch.compile-friendly static variant). With a
+`model.paged_attention.PagedBatch` as the cache, the T tokens are many sequences packed together
+and the logits are those of the rows the batch names (`logits_at`). `shift_cache` drops
 cached positions and re-rotates the rest (llama.cpp-style context shift).
 """
 
@@ -66,6 +68,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = self.qk_norm(q, k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if getattr(cache, "paged", False):  # many sequences in one forward (model/paged_attention.py)
+            y = cache.attend(self.layer, q, k, v, self.scale)  # (1, H, N, hd)
+            return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if cache is not None:
             k_buf, v_buf = cache.update(self.layer, input_pos, k, v)  # (1, n_kv, capacity, hd)
             k, v = k_buf[:, :, :kv_len], v_buf[:, :, :kv_len]  # (1, n_kv, S, hd)
@@ -152,7 +157,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         T = tokens.shape[1]
-        if cache is None:
+        paged = getattr(cache, "paged", False)
+        if cache is None or paged:
             kv_len = T
         else:
             if not torch.compiler.is_compiling():
@@ -166,11 +172,13 @@ class Transformer(nn.Module):
             # no explicit mask where SDPA can do without (flash-friendly): a fresh prefill from 0
             # (T == kv_len, is_causal) or one new token that sees every cached slot
             plain = window is None and (T == kv_len or (T == 1 and cache is not None and not cache.static))
-            masks[lt] = None if plain else attention_mask(input_pos, kv_len, window)
+            masks[lt] = None if plain or paged else attention_mask(input_pos, kv_len, window)
         for i, layer in enumerate(self.layers):
             lt = self.args.layer_type(i)
             x = layer(x, input_pos, ropes[lt], masks[lt], cache, kv_len)
-        if last_only:
+        if paged:
+            x = x[:, cache.logits_at]  # the rows that sample next
+        elif last_only:
             x = x[:, -1:]
         return self.head(x)  # (1, T or 1, vocab) float32
 
