@@ -77,7 +77,7 @@ async function loadSessions() {
   list.innerHTML = "";
   for (const s of data.slice().reverse()) {
     const li = document.createElement("li");
-    li.textContent = `${s.persona} · ${s.memory.strategy} · ${s.id.slice(-6)}`;
+    li.textContent = sessionLabel(s); // chat_ops.js: the title, else persona · strategy · id
     li.dataset.id = s.id;
     li.className = state.session && state.session.id === s.id ? "active" : "";
     li.onclick = () => openSession(s.id);
@@ -109,15 +109,15 @@ async function openSession(id) {
   $("persona-select").value = state.session.persona;
   $("memory-select").value = state.session.memory.strategy;
   showSessionTitle();
-  const { data } = await api("GET", `/v1/sessions/${id}/messages`);
-  $("messages").innerHTML = "";
-  for (const m of data) addMessage(m.role, m.content, m.metadata && m.metadata.interrupted);
+  $("title-input").value = (state.session.metadata && state.session.metadata.title) || "";
+  await reloadTranscript(); // chat_ops.js: messages with swipe/regenerate/continue/edit/delete/fork
   await Promise.all([loadSessions(), refreshContext("")]);
 }
 
 function showSessionTitle() {
   const s = state.session;
-  $("session-title").textContent = `session ${s.id} · persona ${s.persona} · memory ${JSON.stringify(s.memory)}`;
+  const title = s.metadata && s.metadata.title ? `${s.metadata.title} · ` : "";
+  $("session-title").textContent = `${title}session ${s.id} · persona ${s.persona} · memory ${JSON.stringify(s.memory)}`;
 }
 
 function addMessage(role, text, interrupted) {
@@ -176,6 +176,7 @@ async function send(event) {
     $("send").disabled = false;
     $("stop").disabled = true;
     await contextShown;
+    await reloadTranscript(); // the stored turn, with its actions
   }
 }
 
@@ -236,6 +237,7 @@ async function init() {
   $("api-key").onchange = () => { localStorage.setItem("memento.apiKey", $("api-key").value.trim()); init(); };
   $("new-session").onclick = newSession;
   $("apply-settings").onclick = applySettings;
+  $("rename").onclick = renameSession;
   $("composer").onsubmit = send;
   $("stop").onclick = () => state.controller && state.controller.abort();
   $("input").onkeydown = (e) => {
