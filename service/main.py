@@ -18,7 +18,19 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import install_error_handlers
-from service.routers import chat, chat_ops, completions, embeddings, health, memories, personas, sessions, tokenize, transfer
+from service.routers import (
+    chat,
+    chat_ops,
+    completions,
+    embeddings,
+    health,
+    memories,
+    persona_editor,
+    personas,
+    sessions,
+    tokenize,
+    transfer,
+)
 from service.runtime import open_runtime
 from service.settings import Settings, load_settings
 
@@ -47,7 +59,9 @@ def create_app(settings: Settings | None = None, *, lm: Any = None, engine: Any 
     app.state.key_owners = settings.key_owners
     app.state.rt = None
     install_error_handlers(app)
-    for module in (health, chat, completions, embeddings, tokenize, sessions, chat_ops, personas, memories, transfer):
+    modules = (health, chat, completions, embeddings, tokenize, sessions, chat_ops, persona_editor, personas, memories,
+               transfer)
+    for module in modules:
         app.include_router(module.router)
     app.middleware("http")(count_requests)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
