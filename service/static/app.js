@@ -238,6 +238,7 @@ async function init() {
   $("new-session").onclick = newSession;
   $("apply-settings").onclick = applySettings;
   $("rename").onclick = renameSession;
+  initEditor(); // editor.js
   $("composer").onsubmit = send;
   $("stop").onclick = () => state.controller && state.controller.abort();
   $("input").onkeydown = (e) => {
