@@ -201,7 +201,7 @@ def generate(
     lm = load_or_exit(load_model, settings)
     tok = lm.tokenizer
     ids = tok.encode(prompt) if raw else tok.apply_chat_template([{"role": "user", "content": prompt}])
-    if raw and tok.bos_id is not None:
+    if raw and tok.add_bos_token and tok.bos_id is not None:  # as the checkpoint says (Gemma yes, SmolLM2 no)
         ids = [tok.bos_id, *ids]
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p or 1.0, seed=seed)

@@ -324,6 +324,7 @@ class Conversations:
             logits_processors=([guard] if guard is not None else []) + extra,
             should_stop=job.should_stop,
             prefix_len=prep.prefix_len,
+            owner=job.owner,  # the cache finds only this user's blocks (and shared persona blocks)
         )
         pieces: list[str] = []
         first_token_at = None

@@ -1,7 +1,10 @@
 """Prometheus metrics, one registry per app (so several apps in one test process do not clash).
 
 Exposed at `GET /metrics`: requests, queue depth, time to first token, decode speed,
-prompt tokens (all and served from the KV cache) and how often replies kept the persona's register.
+prompt tokens (all and served from the KV cache), how often replies kept the persona's register,
+and the engine's paged KV cache in vLLM's names (`memento:prefix_cache_queries_total`,
+`memento:prefix_cache_hits_total` in tokens, `memento:kv_cache_usage_perc`, blocks used/free,
+cache bytes, requests running/waiting), so dashboards built for vLLM read them.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 60)
@@ -53,6 +57,10 @@ class Metrics:
         self.queue_depth.set_function(lambda: float(depth()))
         self.worker_busy.set_function(lambda: 1.0 if busy() else 0.0)
 
+    def bind_engine(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Export `model.Engine.stats()` on every scrape."""
+        self.registry.register(_EngineCollector(stats))
+
     def record_generation(
         self, *, ttft: float | None, decode_seconds: float, prompt: int, cached: int, completion: int, reason: str,
         queue_wait: float | None = None,
@@ -73,3 +81,38 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Reads the engine's pool and scheduler at scrape time (nothing to keep in sync)."""
+
+    GAUGES = {
+        "kv_cache_bytes": "bytes of KV blocks in use or cached for reuse",
+        "kv_pool_bytes": "bytes of the preallocated KV block pool",
+        "kv_blocks_total": "KV blocks in the pool",
+        "kv_blocks_used": "KV blocks held by requests or cached",
+        "kv_blocks_free": "KV blocks never used or freed",
+        "kv_blocks_cached": "unreferenced KV blocks kept for prefix reuse (evicted LRU first)",
+        "num_requests_running": "sequences in the running batch",
+        "num_requests_waiting": "sequences waiting for a batch slot",
+    }
+    COUNTERS = {
+        "prefix_cache_queries": "prompt tokens looked up in the prefix cache",
+        "prefix_cache_hits": "prompt tokens found in the prefix cache",
+    }
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def describe(self):
+        return []  # collected lazily: the registry must not call stats() at registration
+
+    def collect(self):
+        s = self.stats()
+        for key, doc in self.GAUGES.items():
+            yield GaugeMetricFamily(f"memento:{key}", doc, value=float(s[key]))
+        used = s["kv_blocks_used"] - s["kv_blocks_cached"]
+        yield GaugeMetricFamily("memento:kv_cache_usage_perc", "fraction of KV blocks held by running requests",
+                                value=used / max(1, s["kv_blocks_total"]))
+        for key, doc in self.COUNTERS.items():
+            yield CounterMetricFamily(f"memento:{key}", doc, value=float(s[key]))

@@ -96,7 +96,7 @@ def load_engine(settings: Settings, progress: bool = True) -> tuple[Any, Any]:
     lm = load_model(
         settings.model, device=settings.device, dtype=settings.dtype, data_dir=str(settings.data_dir), progress=progress
     )
-    return lm, Engine(lm, kv_budget_bytes=settings.kv_budget)
+    return lm, Engine(lm, kv_budget_bytes=settings.kv_budget, max_batch=settings.max_running)
 
 
 def open_runtime(settings: Settings, *, lm: Any = None, engine: Any = None, store: Any = None) -> Runtime:
@@ -110,15 +110,18 @@ def open_runtime(settings: Settings, *, lm: Any = None, engine: Any = None, stor
     elif engine is None:
         from model import Engine
 
-        engine = Engine(lm, kv_budget_bytes=settings.kv_budget)
+        engine = Engine(lm, kv_budget_bytes=settings.kv_budget, max_batch=settings.max_running)
     if store is None:
         store = open_store(settings.store_url)
     personas = PersonaRegistry(extra_dir=settings.persona_dir, writable_dir=settings.data_dir / "personas")
     personas.get(settings.persona)  # fail at start-up, not on the first request, if the default is missing
-    worker = EngineWorker(queue_size=settings.queue_size)
+    worker = EngineWorker(queue_size=settings.queue_size, threads=settings.max_running,
+                          owner_running=settings.owner_running, owner_waiting=settings.owner_waiting)
     background = SerialExecutor()
     metrics = Metrics()
     metrics.bind_queue(lambda: worker.depth, lambda: worker.busy)
+    if hasattr(engine, "stats"):
+        metrics.bind_engine(engine.stats)
     worker.start()
     background.start()
     return Runtime(settings, lm, engine, store, personas, worker, background, metrics)

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     queue_size: int = Field(16, ge=1, description="requests waiting for the model beyond this get 429")
+    max_running: int = Field(8, ge=1, le=64, description="requests generating at once (the engine's batch)")
+    owner_running: int | None = Field(None, ge=1, description="per user: requests running at once; None: half of max_running")
+    owner_waiting: int | None = Field(None, ge=1, description="per user: requests waiting; None: queue_size")
     max_message_chars: int = Field(32_000, ge=1, description="longer user messages get 413")
     kv_budget: int | None = Field(None, ge=0, description="bytes of KV cache kept across turns; None: engine default")
     request_timeout: float = Field(300.0, gt=0, description="seconds a request may wait for and use the model")

@@ -1,14 +1,21 @@
-"""Model work off the event loop: one thread owns the Engine, requests wait in a bounded queue.
+"""Model work off the event loop: a pool of job threads with fair, bounded admission per owner.
 
-    worker = EngineWorker(queue_size=16); worker.start()
-    job = worker.submit(fn)            # fn(job) runs on the worker thread; QueueFull when the queue is full
+    worker = EngineWorker(queue_size=16, threads=8); worker.start()
+    job = worker.submit(fn, owner="alice")   # fn(job) runs on a job thread; QueueFull when over a limit
     async for item in open_stream(worker, fn, keepalive=10):  # job.emit(x) items, KEEPALIVE on long waits
         ...
 
+A turn's job stores the user message, generates, checks and stores the reply on its own thread;
+the engine batches the generations of all running jobs in its scheduler thread, so storage and
+Korean analysis never hold the model. Admission is fair: waiting jobs are taken round-robin by
+owner, each owner may have at most `owner_running` jobs running and `owner_waiting` waiting, and
+a refusal (QueueFull -> 429 with Retry-After) names the limit that was hit. One owner's flood
+therefore never keeps another owner waiting behind it.
+
 A job that is cancelled (client gone, deadline passed) is told through `job.should_stop()`,
-which the engine polls between tokens, so the worker moves on to the next request promptly.
-Background jobs (summaries for memory) run only when no request is waiting, or once they
-have waited `background_max_wait` seconds, so they never starve.
+which the engine polls every step, so its row leaves the batch promptly. Background jobs
+(summaries for memory) run only when no request is waiting, or once they have waited
+`background_max_wait` seconds, so they never starve.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import Future
 from typing import Any
@@ -30,10 +37,13 @@ _DONE = object()
 
 
 class QueueFull(Exception):
-    def __init__(self, depth: int, retry_after: int):
-        super().__init__(f"{depth} requests are already waiting for the model; retry in {retry_after}s")
-        self.depth = depth
-        self.retry_after = retry_after
+    """A limit on waiting requests was hit; `limit` names it ("queue_size" or "owner_waiting")."""
+
+    def __init__(self, depth: int, retry_after: int, limit: str = "queue_size", owner: str | None = None):
+        who = f" for {owner!r}" if owner else ""
+        super().__init__(f"{depth} requests{who} are already waiting for the model (limit {limit}); "
+                         f"retry in {retry_after}s")
+        self.depth, self.retry_after, self.limit = depth, retry_after, limit
 
 
 class JobCancelled(Exception):
@@ -41,13 +51,15 @@ class JobCancelled(Exception):
 
 
 class Job:
-    def __init__(self, fn: Callable[[Job], Any], emit: Callable[[Any], None] | None, deadline: float | None):
+    def __init__(self, fn: Callable[[Job], Any], emit: Callable[[Any], None] | None, deadline: float | None,
+                 owner: str = ""):
         self.fn = fn
+        self.owner = owner
         self.future: Future[Any] = Future()
         self.cancel_event = threading.Event()
         self.deadline = deadline
         self.submitted = time.monotonic()
-        self.started: float | None = None  # when the worker picked it up (queue wait = started - submitted)
+        self.started: float | None = None  # when a thread picked it up (queue wait = started - submitted)
         self._emit = emit
 
     def emit(self, item: Any) -> None:
@@ -64,42 +76,56 @@ class Job:
 
 
 class EngineWorker:
-    def __init__(self, queue_size: int = 16, background_max_wait: float = 30.0, name: str = "memento-engine"):
+    def __init__(self, queue_size: int = 16, background_max_wait: float = 30.0, name: str = "memento-engine",
+                 threads: int = 1, owner_running: int | None = None, owner_waiting: int | None = None):
+        """`threads`: jobs running at once (the engine batches their generations);
+        `owner_running` / `owner_waiting`: per-owner caps (default: half the threads, at least
+        one; and the whole queue)."""
         self.queue_size = queue_size
         self.background_max_wait = background_max_wait
-        self._fg: deque[Job] = deque()
+        self.threads = threads
+        self.owner_running = owner_running or max(1, threads // 2)
+        self.owner_waiting = owner_waiting or queue_size
+        self._fg: OrderedDict[str, deque[Job]] = OrderedDict()  # owner -> waiting jobs; rotation order
         self._bg: deque[Job] = deque()
+        self._running: Counter[str] = Counter()
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(threads)]
         self._stopping = False
-        self._busy = False
         self._avg_seconds = 2.0  # EWMA of request durations, for Retry-After
 
     # --- lifecycle ---
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopping = True
-            for job in list(self._fg) + list(self._bg):
+            for job in [j for q in self._fg.values() for j in q] + list(self._bg):
                 job.cancel()
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout)
 
     # --- state for metrics and 429s ---
     @property
     def depth(self) -> int:
-        """Requests waiting (not counting the one running)."""
-        return len(self._fg)
+        """Requests waiting (not counting those running)."""
+        return sum(len(q) for q in self._fg.values())
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        return sum(self._running.values()) > 0
 
-    def retry_after(self) -> int:
-        return max(1, min(60, math.ceil((self.depth + 1) * self._avg_seconds)))
+    @property
+    def running(self) -> int:
+        return sum(self._running.values())
+
+    def retry_after(self, ahead: int | None = None) -> int:
+        ahead = self.depth if ahead is None else ahead
+        return max(1, min(60, math.ceil((ahead + 1) * self._avg_seconds / max(1, self.threads))))
 
     # --- submitting ---
     def submit(
@@ -109,49 +135,80 @@ class EngineWorker:
         emit: Callable[[Any], None] | None = None,
         timeout: float | None = None,
         background: bool = False,
+        owner: str = "",
     ) -> Job:
-        job = Job(fn, emit, time.monotonic() + timeout if timeout else None)
+        job = Job(fn, emit, time.monotonic() + timeout if timeout else None, owner)
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the model worker is shutting down")
-            if not background and len(self._fg) >= self.queue_size:
-                raise QueueFull(len(self._fg), self.retry_after())
-            (self._bg if background else self._fg).append(job)
+            if background:
+                self._bg.append(job)
+            else:
+                self._admit(job)
             self._cond.notify()
         return job
+
+    def _admit(self, job: Job) -> None:
+        mine = self._fg.get(job.owner)
+        if self.depth >= self.queue_size:
+            raise QueueFull(self.depth, self.retry_after(), "queue_size")
+        if mine is not None and len(mine) >= self.owner_waiting:
+            raise QueueFull(len(mine), self.retry_after(len(mine)), "owner_waiting", job.owner or None)
+        self._fg.setdefault(job.owner, deque()).append(job)
 
     def call(self, fn: Callable[[Job], Any], *, background: bool = False, timeout: float | None = None) -> Any:
         """Run `fn` on the worker and wait for it (for threads other than the event loop)."""
         return self.submit(fn, background=background, timeout=timeout).future.result()
 
-    # --- the thread ---
+    # --- the threads ---
+    def _take_foreground(self) -> Job | None:
+        """The next owner in rotation that is under its running cap gives its oldest job."""
+        for owner in list(self._fg):
+            if self._running[owner] >= self.owner_running:
+                continue
+            q = self._fg.pop(owner)
+            job = q.popleft()
+            if q:
+                self._fg[owner] = q  # to the back of the rotation
+            return job
+        return None
+
     def _next(self) -> Job | None:
         with self._cond:
-            while not self._stopping and not self._fg and not self._bg:
-                self._cond.wait()
-            if self._stopping:
-                return None
-            bg_overdue = self._bg and time.monotonic() - self._bg[0].submitted > self.background_max_wait
-            if self._fg and not bg_overdue:
-                return self._fg.popleft()
-            return self._bg.popleft()
+            while True:
+                if self._stopping:
+                    return None
+                bg_overdue = self._bg and time.monotonic() - self._bg[0].submitted > self.background_max_wait
+                job = None if bg_overdue else self._take_foreground()
+                if job is None and self._bg and (bg_overdue or not self.depth):
+                    job = self._bg.popleft()
+                if job is not None:
+                    self._running[job.owner] += 1
+                    return job
+                self._cond.wait(0.5 if self._bg else None)
 
     def _run(self) -> None:
         while (job := self._next()) is not None:
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            if job.should_stop():
-                job.future.set_exception(JobCancelled("cancelled before it started"))
-                continue
-            self._busy = True
-            started = job.started = time.monotonic()
             try:
-                job.future.set_result(job.fn(job))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
-                job.future.set_exception(exc)
+                self._execute(job)
             finally:
-                self._busy = False
-                self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * (time.monotonic() - started)
+                with self._cond:
+                    self._running[job.owner] -= 1
+                    self._cond.notify_all()  # an owner under its cap again may have waiting jobs
+
+    def _execute(self, job: Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        if job.should_stop():
+            job.future.set_exception(JobCancelled("cancelled before it started"))
+            return
+        started = job.started = time.monotonic()
+        try:
+            job.future.set_result(job.fn(job))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+            job.future.set_exception(exc)
+        finally:
+            self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * (time.monotonic() - started)
 
 
 async def run_job(
@@ -160,10 +217,11 @@ async def run_job(
     *,
     timeout: float | None = None,
     on_done: Callable[[], None] | None = None,
+    owner: str = "",
 ) -> Any:
     """Await a job's result from the event loop; cancelling the awaiting task cancels the job.
     `on_done` runs when the job ends, whether it ran, failed or was skipped."""
-    job = worker.submit(fn, timeout=timeout)
+    job = worker.submit(fn, timeout=timeout, owner=owner)
     if on_done is not None:
         job.future.add_done_callback(lambda _f: on_done())
     try:
@@ -179,6 +237,7 @@ def open_stream(
     keepalive: float = 10.0,
     timeout: float | None = None,
     on_done: Callable[[], None] | None = None,
+    owner: str = "",
 ) -> AsyncIterator[Any]:
     """Submit `fn` now (QueueFull raises here, before any response is sent) and return an async
     iterator over what it `emit`s, then its return value, with KEEPALIVE on quiet stretches.
@@ -193,7 +252,7 @@ def open_stream(
         except RuntimeError:  # loop closed: nobody is listening any more
             pass
 
-    job = worker.submit(fn, emit=put, timeout=timeout)
+    job = worker.submit(fn, emit=put, timeout=timeout, owner=owner)
     if on_done is not None:
         job.future.add_done_callback(lambda _f: on_done())
     job.future.add_done_callback(lambda _f: put(_DONE))

@@ -101,7 +101,7 @@ async def chat_completions(
     outcomes = []
     for j in range(n):  # n choices: seeds seed + j; the scheduler batches the concurrent requests
         choice_sampling = replace(sampling, seed=seeded(sampling.seed, j))
-        outcomes.append(start_turn(rt, conv, sid, prepare, choice_sampling, bool(body.stream)))
+        outcomes.append(start_turn(rt, conv, sid, prepare, choice_sampling, bool(body.stream), owner=user))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.lm.name}
     headers = {"X-Session-ID": session.id} if session is not None else {}
     tools_on = plan is not None and plan.mode != "none"

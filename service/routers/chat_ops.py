@@ -75,7 +75,7 @@ async def _again(session_id: str, message_id: str, body: GenerateAgain | None, u
         prep = await run_in_threadpool(ops.prepare_again, session, message_id, body.max_tokens, cont=cont)
         make = ops.continue_job if cont else ops.regenerate_job
         job = make(session, message_id, prep, body.sampling())
-        result = await run_job(rt.worker, job, timeout=rt.settings.request_timeout, on_done=release)
+        result = await run_job(rt.worker, job, timeout=rt.settings.request_timeout, on_done=release, owner=user)
     except BaseException:
         release()
         raise

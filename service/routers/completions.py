@@ -58,10 +58,10 @@ async def completions(body: CompletionRequest, user: UserDep, conv: ConvDep, rt:
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.lm.name}
     echo = [rt.tokenizer.decode(ids) if body.echo else "" for ids, _ in runs]
     if body.stream:
-        streams = [await start_raw(rt, conv, ids, s, stream=True) for ids, s in runs]
+        streams = [await start_raw(rt, conv, ids, s, stream=True, owner=user) for ids, s in runs]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.response(completion_stream(rt, merge(streams), meta, echo, include_usage))
-    results = await asyncio.gather(*(start_raw(rt, conv, ids, s, stream=False) for ids, s in runs))
+    results = await asyncio.gather(*(start_raw(rt, conv, ids, s, stream=False, owner=user) for ids, s in runs))
     choices = [completion_choice(rt, i, r, echo[i], body.logprobs) for i, r in enumerate(results)]
     return JSONResponse(Completion(**meta, choices=choices, usage=total_usage(results)).model_dump())
 
@@ -128,14 +128,14 @@ def logit_bias_ids(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
     return out
 
 
-async def start_raw(rt: Any, conv: Any, ids: list[int], sampling: Sampling, *, stream: bool) -> Any:
+async def start_raw(rt: Any, conv: Any, ids: list[int], sampling: Sampling, *, stream: bool, owner: str = "") -> Any:
     """A continuation of `ids` on the worker: no persona, no template, no memory."""
     limit = max(1, min(sampling.max_tokens or rt.settings.max_tokens, rt.context_window - len(ids)))
 
     def prepare() -> Prepared:
         return Prepared(messages=[], prompt_ids=ids, prefix_len=None, max_tokens=limit, persona=None)
 
-    return await start_turn(rt, conv, None, prepare, sampling, stream)
+    return await start_turn(rt, conv, None, prepare, sampling, stream, owner=owner)
 
 
 async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:

@@ -110,16 +110,18 @@ async def post_message(session_id: str, body: MessageCreate, user: UserDep, conv
     def prepare() -> Prepared:
         return conv.prepare(session, body.content, max_tokens=body.max_tokens)
 
-    outcome = await start_turn(rt, conv, session.id, prepare, sampling, body.stream)
+    outcome = await start_turn(rt, conv, session.id, prepare, sampling, body.stream, owner=user)
     if body.stream:
         return sse.response(native_stream(outcome))
     return turn_out(outcome)
 
 
 async def start_turn(
-    rt: Any, conv: Any, session_id: str | None, prepare: Callable[[], Prepared], sampling: Sampling, stream: bool
+    rt: Any, conv: Any, session_id: str | None, prepare: Callable[[], Prepared], sampling: Sampling, stream: bool,
+    owner: str = "",
 ) -> Any:
     """Prepare off the event loop and submit to the worker: the stream's items, or the TurnResult.
+    `owner` (the authenticated user) is the unit of fair admission and of KV-cache scoping.
 
     One turn per session at a time (`session_id` None: stateless, no claim): a concurrent second
     turn gets 409 rather than interleaving the transcript. The claim ends with the worker job.
@@ -136,8 +138,8 @@ async def start_turn(
         timeout = rt.settings.request_timeout
         if stream:
             keepalive = rt.settings.keepalive_seconds
-            return open_stream(rt.worker, job, keepalive=keepalive, timeout=timeout, on_done=release)
-        return await run_job(rt.worker, job, timeout=timeout, on_done=release)
+            return open_stream(rt.worker, job, keepalive=keepalive, timeout=timeout, on_done=release, owner=owner)
+        return await run_job(rt.worker, job, timeout=timeout, on_done=release, owner=owner)
     except BaseException:
         release()  # not submitted (or failed): free the session now; a second release is harmless
         raise
