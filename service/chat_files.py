@@ -150,20 +150,24 @@ def _parse_time(value: Any, name: str, *, line: int | None = None, strict: bool 
     the import time is used instead of refusing the whole chat.
     """
     dt: datetime | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        secs = value / 1000 if value > 1e11 else value  # milliseconds (JavaScript Date.now())
-        dt = datetime.fromtimestamp(secs, timezone.utc)
-    elif isinstance(value, str):
-        dt = _parse_time_text(value.strip())
-    if dt is None:
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            secs = value / 1000 if value > 1e11 else value  # milliseconds (JavaScript Date.now())
+            dt = datetime.fromtimestamp(secs, timezone.utc)
+        elif isinstance(value, str):
+            dt = _parse_time_text(value.strip())
+        if dt is not None and dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        text = dt.astimezone(timezone.utc).isoformat(timespec="microseconds") if dt is not None else None
+    except (OverflowError, OSError, ValueError):  # year 10000, 1e308 seconds, ...
+        text = None
+    if text is None:
         if strict:
             raise ChatFileError(
                 f"{name}: {value!r} is not a time; use ISO-8601 such as 2024-05-01T12:00:00Z", line=line, field=name
             )
         return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return text
 
 
 def _parse_time_text(text: str) -> datetime | None:

@@ -40,10 +40,14 @@ class Transfers:
     def session_for_import(self, session_id: str, owner: str) -> Session:
         """The caller's session, created (default persona and memory) when the id is new."""
         from memory.store import SessionExists
+        from service.routers.chat import SESSION_ID_RE
 
         session = self.store.get_session(session_id, owner=owner)
         if session is not None:
             return session
+        if not SESSION_ID_RE.match(session_id):
+            raise APIError(422, "a new session id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
+                           param="session_id", code="invalid_value")
         try:
             return self.conv.create_session(owner, session_id=session_id)
         except SessionExists:  # someone else's id: the same 404 as every other route

@@ -175,3 +175,30 @@ def test_cli_chat_import_and_export(live_server, tmp_path):
     assert r.exit_code == 2 and "line 2" in r.output
     r = runner.invoke(cli, ["chat", "export", "nope", "--url", live_server.url])
     assert r.exit_code == 2 and "not found" in r.output.lower()
+
+
+def test_odd_times_and_ids_are_clear_errors(app):
+    c = app.client
+    for when in (1e308, "9999-12-31T23:59:59-14:00", -1e20):
+        r = c.post("/v1/sessions/odd/import", json={"messages": [{"role": "user", "content": "x", "created_at": when}]})
+        assert r.status_code == 422, (when, r.text)
+    r = c.post("/v1/sessions/bad%20id!/import", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "session_id"
+    st = '{"user_name": "a"}\n{"mes": "hi", "is_user": true, "send_date": 1e308}\n'
+    assert c.post("/v1/sessions/odd-2/import", content=st.encode()).status_code == 201  # a lenient ST date
+
+
+def test_import_builds_a_running_summary(tmp_path, tiny_lm):
+    """summary_buffer: the imported history is folded into the summary by the background build."""
+    from tests.service.conftest import make_settings, start_app
+
+    settings = make_settings(tmp_path, memory={"strategy": "summary_buffer", "max_tokens": 64})
+    for h in start_app(settings, tiny_lm):
+        c = h.client
+        assert c.post("/v1/sessions/sum-1/import", content=st_chat(12).encode()).status_code == 201
+        status = wait_built(c, "sum-1", timeout=120)
+        assert status["strategy"] == "summary_buffer" and status["done"] == 24
+        state = h.rt.store.get_state("sum-1", "summary_buffer")
+        assert state and state["count"] > 0  # older exchanges are in the summary now
+        ctx = c.get("/v1/sessions/sum-1/context", params={"message": "hi"}).json()
+        assert ctx["memory"].get("summary")
