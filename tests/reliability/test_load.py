@@ -63,8 +63,8 @@ def test_percentile_helpers():
 
 @pytest.mark.slow
 def test_kv_cache_stays_within_budget_with_more_sessions_than_it_holds(tmp_path, tiny_lm):
-    """Budget = 3 sessions' caches; 12 sessions talk. The engine evicts least recently used
-    caches, so its total never passes the budget (plus the active session, which always stays)."""
+    """Budget = 3 sessions' worth of KV blocks; 12 sessions talk. The pool is preallocated at the
+    budget and evicts least recently used cached blocks, so the total never passes it."""
     from service.main import create_app
     from tests.service.conftest import LiveServer, free_port, make_settings
 
@@ -94,10 +94,9 @@ def test_kv_cache_stays_within_budget_with_more_sessions_than_it_holds(tmp_path,
         )
         stop.set()
         sampler.join()
-        final = server.app.state.rt.worker.call(lambda _job: (engine.cache_bytes(), len(engine.sessions)))
+        stats = engine.stats()
     assert result["completed"] == 36 and result["server_errors"] == 0, result
-    assert engine.kv_budget_bytes == budget
-    assert final[0] <= budget and final[1] <= 3, (
-        final
-    )  # 12 sessions served, at most 3 caches kept: idle ones evicted
-    assert max(samples) <= budget + per_session, (max(samples), budget)
+    assert engine.kv_budget_bytes == budget and stats["kv_pool_bytes"] <= budget
+    assert max(samples) <= budget, (max(samples), budget)
+    # 12 sessions of ~100+ tokens cannot all stay: the pool evicted, yet every request succeeded
+    assert stats["kv_blocks_used"] <= stats["kv_blocks_total"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,3 +201,12 @@ def live_server(tmp_path, tiny_lm) -> Iterator[LiveServer]:
     settings = make_settings(tmp_path, max_tokens=16, keepalive_seconds=0.2)
     with LiveServer(create_app(settings, lm=tiny_lm), free_port()) as server:
         yield server
+
+
+def hold_worker(rt, release) -> None:
+    """Occupy every job thread until `release` is set (one owner each: per-owner caps apply)."""
+    for i in range(rt.worker.threads):
+        rt.worker.submit(lambda job: release.wait(30), owner=f"holder-{i}")
+        deadline = time.monotonic() + 5  # picked up before the next: the queue may hold only one
+        while rt.worker.running <= i and time.monotonic() < deadline:
+            time.sleep(0.005)

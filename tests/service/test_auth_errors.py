@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.service.conftest import free_port, make_settings, start_app
+from tests.service.conftest import free_port, hold_worker, make_settings, start_app
 
 ALICE, BOB = "key-alice-123", "key-bob-456"
 
@@ -134,7 +134,7 @@ def test_context_length_exceeded_is_400(app):
 def test_full_queue_is_429_with_retry_after(tmp_path, tiny_lm):
     release = threading.Event()
     for h in start_app(make_settings(tmp_path, queue_size=1), tiny_lm):
-        h.rt.worker.submit(lambda job: release.wait(30))  # occupies the worker
+        hold_worker(h.rt, release)  # occupies every job thread
         time.sleep(0.1)
         h.rt.worker.submit(lambda job: None)  # fills the one queue slot
         try:
@@ -233,7 +233,7 @@ def test_sse_keepalive_comments_while_waiting_for_the_model(live_server):
     """A request queued behind another sees `: keep-alive` comments, then its reply."""
     rt = live_server.app.state.rt
     release = threading.Event()
-    rt.worker.submit(lambda job: release.wait(30))  # the model is busy
+    hold_worker(rt, release)  # the model is busy
     sid = httpx.post(f"{live_server.url}/v1/sessions", json={}).json()["id"]
     threading.Timer(1.0, release.set).start()
     body = {"content": "hi", "stream": True, "max_tokens": 3}
@@ -248,7 +248,7 @@ def test_concurrent_turn_on_one_session_is_409(live_server):
     rt = live_server.app.state.rt
     base = live_server.url
     release = threading.Event()
-    rt.worker.submit(lambda job: release.wait(30))  # hold the model so the first turn stays in flight
+    hold_worker(rt, release)  # hold the model so the first turn stays in flight
     sid = httpx.post(f"{base}/v1/sessions", json={}).json()["id"]
     other = httpx.post(f"{base}/v1/sessions", json={}).json()["id"]
     body = {"content": "first", "stream": True, "max_tokens": 3}
