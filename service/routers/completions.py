@@ -19,6 +19,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service import sse
+from service.client_messages import logit_bias
 from service.conversation import Prepared, Sampling, TokenLogprob, TurnResult
 from service.deps import ConvDep, RuntimeDep, UserDep
 from service.errors import APIError
@@ -109,23 +110,10 @@ def sampling_extra(rt: Any, presence: float | None, frequency: float | None, bia
     if frequency:
         extra["frequency_penalty"] = frequency
     if bias:
-        extra["logit_bias"] = logit_bias_ids(bias, rt.tokenizer.vocab_size)
+        extra["logit_bias"] = logit_bias(bias, rt.tokenizer.vocab_size)  # 422 naming the bad key
     if logprobs is not None:
         extra["logprobs"] = logprobs
     return extra
-
-
-def logit_bias_ids(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
-    out = {}
-    for key, value in bias.items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
-            raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
-                           param="logit_bias", code="invalid_value")
-        if not -100 <= value <= 100:
-            raise APIError(400, f"logit_bias[{key}] = {value}: values must be in [-100, 100]",
-                           param="logit_bias", code="invalid_value")
-        out[int(key)] = float(value)
-    return out
 
 
 async def start_raw(rt: Any, conv: Any, ids: list[int], sampling: Sampling, *, stream: bool, owner: str = "") -> Any:

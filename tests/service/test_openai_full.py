@@ -268,7 +268,7 @@ def test_completions_bad_input(app):
     assert error_of(app, "/v1/completions", {"prompt": [[5, 10**9]]})[1]["param"] == "prompt[1]"  # the bad id
     assert error_of(app, "/v1/completions", {"prompt": "x", "suffix": "y"})[1]["param"] == "suffix"
     status, err = error_of(app, "/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}})
-    assert status == 400 and err["param"] == "logit_bias"
+    assert status == 422 and err["param"] == "logit_bias"
 
 
 # ------------------------------------------------------------------ /v1/embeddings, /tokenize, /detokenize, models
