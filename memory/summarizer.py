@@ -12,6 +12,7 @@ A summarizer is `(previous summary, newly overflowed messages) -> updated summar
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from memory.types import Message
@@ -21,6 +22,19 @@ SYSTEM_PROMPT = (
     "Keep names, facts about the user, preferences, plans and decisions. "
     "Write in the language of the conversation. Answer with the updated summary only."
 )
+
+
+_HANGUL = re.compile(r"[\uac00-\ud7a3]")
+_LETTER = re.compile(r"[^\W\d_]")
+# a language the model is told to keep, by script; anything else: "the language of the conversation"
+_LANGUAGES = {"ko": ("Korean", "요약은 한국어로 써."), "en": ("English", "")}
+
+
+def conversation_language(texts: list[str]) -> str:
+    """"ko" when at least a third of the letters are Hangul, else "en" (other scripts: treated as en)."""
+    joined = " ".join(texts)
+    letters = len(_LETTER.findall(joined))
+    return "ko" if letters and len(_HANGUL.findall(joined)) * 3 >= letters else "en"
 
 
 def _lines(messages: list[Message]) -> list[str]:
@@ -67,11 +81,15 @@ class ModelSummarizer:
         return summary
 
     def prompt(self, previous: str, lines: list[str]) -> list[dict[str, str]]:
+        # small models drift into English unless told the language, so it is named in both messages
+        name, native = _LANGUAGES[conversation_language(lines or [previous])]
         body = (
             f"Current summary:\n{previous or '(empty)'}\n\n"
-            "New lines of the conversation:\n" + "\n".join(lines) + "\n\nUpdated summary:"
+            "New lines of the conversation:\n" + "\n".join(lines) + f"\n\nUpdated summary, in {name}:"
+            + (f" {native}" if native else "")
         )
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": body}]
+        system = f"{SYSTEM_PROMPT} The conversation is in {name}: write the summary in {name}."
+        return [{"role": "system", "content": system}, {"role": "user", "content": body}]
 
     def _fold(self, previous: str, lines: list[str]) -> str:
         from model.sampling import SamplingParams
@@ -87,8 +105,10 @@ class ModelSummarizer:
 
     def _chunks(self, previous: str, lines: list[str]) -> list[list[str]]:
         """Pack lines so each prompt (previous summary of <= max_tokens included) fits the window."""
-        overhead = self.tokenizer.count_messages(self.prompt(previous, []))
-        budget = max(64, self.context_window - self.max_tokens - max(overhead, self.max_tokens + 64) - 16)
+        # the prompt around the lines (either language's wording) + a previous summary of up to a reply's length
+        frame = max(self.tokenizer.count_messages(self.prompt("", [line])) for line in ("a", "가"))
+        overhead = frame + max(self.tokenizer.count(previous) if previous else 0, self.max_tokens)
+        budget = max(64, self.context_window - self.max_tokens - overhead - 16)
         chunks: list[list[str]] = [[]]
         used = 0
         for line in lines:

@@ -61,3 +61,16 @@ def test_model_summarizer_prompt_carries_previous_summary_and_new_lines():
     assert prompt[0]["role"] == "system" and "summary" in prompt[0]["content"]
     body = prompt[1]["content"]
     assert "Current summary:\nJisoo has a dog, Kong." in body and body.index("Kong") < body.index("Busan")
+
+
+def test_the_prompt_names_the_conversation_language():
+    from memory.summarizer import conversation_language
+
+    summ = ModelSummarizer(_NoEngine(), smollm2_counter())
+    ko = summ.prompt("", ["User: 우리 강아지 이름은 콩이야.", "Assistant: 귀엽다!"])
+    assert "write the summary in Korean" in ko[0]["content"] and ko[1]["content"].endswith("한국어로 써.")
+    en = summ.prompt("", ["User: My dog is Kong.", "Assistant: Cute!"])
+    assert "in English" in en[0]["content"] and "한국어" not in en[1]["content"]
+    assert conversation_language(["User: 콩이 산책 갔어 (walk)"]) == "ko"
+    assert conversation_language(["User: I said 안녕 to my neighbour today"]) == "en"
+
