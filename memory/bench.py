@@ -208,7 +208,11 @@ def run_tracks(tracks: set[str], store_url: str | None = None, embeddings: str =
         if "paraphrase" in tracks:
             rows += bench_tracks.paraphrase_track(store, deps)
         blocks = bench_tracks.core_blocks_track(store, deps) if "blocks" in tracks else None
-        bench_tracks.print_tracks(rows, blocks)
+        if rows or blocks:
+            bench_tracks.print_tracks(rows, blocks)
+        if "summaries" in tracks:  # real model summaries: minutes on a CPU, so not in the default set
+            print()
+            bench_tracks.print_summaries(bench_tracks.summary_track(store, deps.counter))
     finally:
         store.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -221,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m memory.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--tracks", default="table,current,paraphrase,blocks",
-                        help="comma-separated: table (strategies x stores), current, paraphrase, blocks")
+                        help="comma-separated: table (strategies x stores), current, paraphrase, blocks, "
+                        "summaries (summary_buffer with real model-written summaries; minutes on a CPU)")
     parser.add_argument("--strategies", default="", help="table only: comma-separated strategy names")
     args = parser.parse_args(argv)
     tracks = {t.strip() for t in args.tracks.split(",") if t.strip()}

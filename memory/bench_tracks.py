@@ -217,3 +217,70 @@ def print_tracks(rows: list[dict[str, Any]], blocks: dict[str, Any] | None) -> N
               f"{blocks['applied_edits_valid']} (by source: {blocks['stats']}); in the block: {keys}; "
               f"old city gone: {blocks['stale_city_gone']}; after_turn p95 {blocks['after_turn_p95_ms']:.1f} ms")
         print("user block at the end:\n  " + blocks["user_block"].replace("\n", "\n  "))
+
+
+def summary_track(store: Any, counter: Any, turns: tuple[int, ...] = (50, 200), fold_every: int = 25,
+                  model: str = "smollm2-135m-instruct") -> list[dict[str, Any]]:
+    """summary_buffer recall with the extractive stand-in and with real summaries written by the model.
+
+    The model folds every `fold_every` turns (after_turn's cadence when a background queue batches
+    turns; per-turn folding costs turns x a generation on a CPU). Facts and probes: the main table's.
+    A Korean run of the first length reports whether the model kept the summary in Korean.
+    """
+    from memory.bench import FACTS, _fact_turns
+    from memory.summarizer import ExtractiveSummarizer, ModelSummarizer, conversation_language
+    from model import Engine, load_model
+
+    lm = load_model(model, device="cpu", dtype="float32", progress=False)
+    summarizers = {"extractive": ExtractiveSummarizer(), f"model ({model})": ModelSummarizer(Engine(lm), lm.tokenizer)}
+    config = {"strategy": "summary_buffer", "max_tokens": 512}
+    rows = []
+    for name, summarizer in summarizers.items():
+        deps = StrategyDeps(store, counter, summarizer, None)
+        for n in turns:
+            strategy = build_strategy(config, deps)
+            script = {t: fact[0] for t, fact in zip(_fact_turns(n), FACTS, strict=True)}
+            session, spent = _play_every(store, strategy, config, script, "en", n, fold_every)
+            hits = sum(key in _context(strategy, store, session, probe, counter)[0] for _, probe, key in FACTS)
+            summary = (store.get_state(session.id, "summary_buffer") or {}).get("text", "")
+            rows.append({"summarizer": name, "lang": "en", "turns": n, "recall": hits / len(FACTS),
+                         "summary_tokens": counter.count(summary), "fold_s": sum(spent) / 1000,
+                         "summary_lang": conversation_language([summary]) if summary else "-"})
+            store.delete_session(session.id)
+        strategy = build_strategy(config, deps)
+        session, spent = _play_every(store, strategy, config, current_script(CURRENT_KO, turns[0]), "ko", turns[0],
+                                     fold_every)
+        summary = (store.get_state(session.id, "summary_buffer") or {}).get("text", "")
+        rows.append({"summarizer": name, "lang": "ko", "turns": turns[0], "recall": float("nan"),
+                     "summary_tokens": counter.count(summary), "fold_s": sum(spent) / 1000,
+                     "summary_lang": conversation_language([summary]) if summary else "-", "summary": summary[:300]})
+        store.delete_session(session.id)
+    return rows
+
+
+def _play_every(store: Any, strategy: Any, config: dict[str, Any], script: dict[int, str], lang: str, turns: int,
+                every: int) -> tuple[Any, list[float]]:
+    """Like _play, with after_turn every `every` turns and at the end."""
+    session = store.create_session(f"track-{uuid.uuid4().hex[:8]}", "assistant", config)
+    filler, spent = FILLER[lang], []
+    for t in range(turns):
+        store.append_message(session.id, "user", script.get(t, f"{filler[t % len(filler)]} ({t})"))
+        store.append_message(session.id, "assistant", f"{REPLY[lang]} ({t})")
+        if (t + 1) % every == 0 or t == turns - 1:
+            t0 = time.perf_counter()
+            strategy.after_turn(session, store.list_messages(session.id))
+            spent.append((time.perf_counter() - t0) * 1000)
+    return session, spent
+
+
+def print_summaries(rows: list[dict[str, Any]]) -> None:
+    lines = ["summarizer | lang | turns | recall | summary tokens | summary language | folding s",
+             "---|---|---|---|---|---|---"]
+    for r in rows:
+        recall = "-" if r["recall"] != r["recall"] else f"{r['recall']:.2f}"
+        lines.append(f"{r['summarizer']} | {r['lang']} | {r['turns']} | {recall} | {r['summary_tokens']} | "
+                     f"{r['summary_lang']} | {r['fold_s']:.1f}")
+    print("\n".join(lines))
+    for r in rows:
+        if r.get("summary"):
+            print(f"\n{r['summarizer']}, Korean chat, summary begins: {r['summary']!r}")

@@ -105,3 +105,21 @@ def test_put_block_limits_and_errors(app, lt_session):
     labels = [b["label"] for b in c.get(f"/v1/sessions/{lt_session}/memory/blocks").json()["data"]]
     assert labels == ["user", "relationship", "hobbies"]
     assert c.get("/v1/sessions/sess_nobody/memory/blocks/user").status_code == 404
+
+
+def test_an_imported_history_builds_facts_and_blocks(app):
+    """The import route (issue 12) feeds long_term like live turns: facts supersede, the block follows."""
+    c = app.client
+    sid = c.post("/v1/sessions", json={"memory": {"strategy": "long_term"}}).json()["id"]
+    history = []
+    for i in range(60):
+        text = {3: "My name is Ada.", 10: "I live in Busan.", 50: "We moved to Daejeon."}.get(i, f"Just chatting ({i}).")
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": f"Okay ({i})."}]
+    r = c.post(f"/v1/sessions/{sid}/import", json={"messages": history})
+    assert r.status_code in (200, 201, 202), r.text
+    assert app.rt.background.wait_idle(timeout=180)
+    assert c.get(f"/v1/sessions/{sid}").json()["memory_status"]["pending"] == 0
+    current = [f["text"] for f in c.get("/v1/memories", params={"session_id": sid, "current": "true"}).json()["data"]]
+    assert current == ["We moved to Daejeon.", "My name is Ada."]
+    block = c.get(f"/v1/sessions/{sid}/memory/blocks/user").json()["value"]
+    assert "We moved to Daejeon." in block and "Busan" not in block
