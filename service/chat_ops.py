@@ -34,8 +34,28 @@ def find(messages: list[Message], message_id: str) -> int:
 
 
 def with_history(meta: dict[str, Any], old: str, op: str) -> dict[str, Any]:
-    history = [*meta.get("history", []), {"content": old, "at": now_iso(), "op": op}][-MAX_HISTORY:]
+    earlier = meta.get("history") if isinstance(meta.get("history"), list) else []
+    history = [*earlier, {"content": old, "at": now_iso(), "op": op}][-MAX_HISTORY:]
     return {**meta, "history": history}
+
+
+def swipes_of(m: Message) -> tuple[list[str], int]:
+    """The message's alternatives and the shown one's index; metadata written by hand (an import)
+    that is not a list of texts with an index inside it counts as no swipes."""
+    swipes = m.metadata.get("swipes")
+    k = m.metadata.get("swipe_id", 0)
+    if not (isinstance(swipes, list) and swipes and all(isinstance(s, str) for s in swipes)):
+        return [m.content], 0
+    if not (isinstance(k, int) and 0 <= k < len(swipes)):
+        k = 0
+    return list(swipes), k
+
+
+def swipe_info_of(m: Message, n: int) -> list[dict[str, Any]]:
+    info = m.metadata.get("swipe_info")
+    if not (isinstance(info, list) and all(isinstance(i, dict) for i in info)):
+        info = []
+    return (info + [{} for _ in range(n)])[:n]
 
 
 class ChatOps:
@@ -85,8 +105,8 @@ class ChatOps:
             result = self.conv._generate(job, prep, sampling)
             old = self.store.list_messages(session.id)[-1]
             meta = dict(old.metadata)
-            swipes = list(meta.get("swipes") or [old.content])
-            info = list(meta.get("swipe_info") or [_info(meta)])
+            swipes, _ = swipes_of(old)
+            info = swipe_info_of(old, len(swipes)) if len(swipes) > 1 else [_info(meta)]
             swipes.append(result.text)
             info.append({"finish_reason": result.finish_reason, "usage": result.usage, **result.register_meta})
             meta.update(info[-1], swipes=swipes, swipe_info=info, swipe_id=len(swipes) - 1)
@@ -103,9 +123,10 @@ class ChatOps:
             text = old.content + result.text
             meta = with_history(old.metadata, old.content, "continue")
             meta.update(finish_reason=result.finish_reason, continued=int(meta.get("continued", 0)) + 1)
-            if meta.get("swipes"):
-                meta["swipes"] = [*meta["swipes"]]
-                meta["swipes"][int(meta.get("swipe_id", 0))] = text
+            swipes, k = swipes_of(old)
+            if len(swipes) > 1:
+                swipes[k] = text
+                meta.update(swipes=swipes, swipe_id=k)
             result.message = self.store.update_message(session.id, message_id, content=text, metadata=meta)
             result.text = text
             self.conv.schedule_after_turn(session.id)
@@ -117,20 +138,18 @@ class ChatOps:
 
     def swipes(self, session: Session, message_id: str) -> dict[str, Any]:
         m = self.store.list_messages(session.id)[find(self.store.list_messages(session.id), message_id)]
-        swipes = m.metadata.get("swipes") or [m.content]
-        return {"message_id": m.id, "swipe_id": int(m.metadata.get("swipe_id", 0)), "swipes": swipes}
+        swipes, k = swipes_of(m)
+        return {"message_id": m.id, "swipe_id": k, "swipes": swipes}
 
     def choose(self, session: Session, message_id: str, index: int) -> Message:
         messages = self.store.list_messages(session.id)
         m = messages[find(messages, message_id)]
-        swipes = m.metadata.get("swipes") or [m.content]
+        swipes, _ = swipes_of(m)
         if not 0 <= index < len(swipes):
             raise APIError(422, f"swipe {index} does not exist: this message has {len(swipes)} (0-{len(swipes) - 1})",
                            param="index", code="invalid_swipe")
         meta = {**m.metadata, "swipe_id": index}
-        info = m.metadata.get("swipe_info") or []
-        if index < len(info):
-            meta.update(info[index])
+        meta.update(swipe_info_of(m, len(swipes))[index])
         updated = self.store.update_message(session.id, m.id, content=swipes[index], metadata=meta)
         self.rebuild_memory(session.id)
         return updated
@@ -142,9 +161,10 @@ class ChatOps:
         m = messages[find(messages, message_id)]
         meta = with_history(m.metadata, m.content, "edit")
         meta["edited"] = True
-        if meta.get("swipes"):
-            meta["swipes"] = [*meta["swipes"]]
-            meta["swipes"][int(meta.get("swipe_id", 0))] = content
+        swipes, k = swipes_of(m)
+        if len(swipes) > 1:
+            swipes[k] = content
+            meta.update(swipes=swipes, swipe_id=k)
         updated = self.store.update_message(session.id, m.id, content=content, metadata=meta)
         self.rebuild_memory(session.id)
         return updated

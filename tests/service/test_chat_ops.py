@@ -169,3 +169,19 @@ def test_authors_note_at_depth_every_n_turns(app):
     assert bad.status_code == 422 and "every" in bad.text
     assert "authors_note" not in c.delete(f"/v1/sessions/{sid}/authors_note").json()["metadata"]
     assert not note_in_context()
+
+
+def test_hand_written_swipe_metadata_never_breaks_an_operation(app):
+    c = app.client
+    odd = {"swipes": "not a list", "swipe_id": "x", "swipe_info": {"a": 1}, "history": "nope"}
+    body = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "metadata": odd}]}
+    assert c.post("/v1/sessions/odd-meta/import", json=body).status_code == 201
+    mid = transcript(c, "odd-meta")[1]["id"]
+    base = f"/v1/sessions/odd-meta/messages/{mid}"
+    assert c.get(f"{base}/swipes").json() == {"message_id": mid, "swipe_id": 0, "swipes": ["a"]}
+    assert c.post(f"{base}/swipes/0").status_code == 200
+    assert c.patch(base, json={"content": "edited"}).json()["metadata"]["history"][0]["content"] == "a"
+    r = c.post(f"{base}/regenerate", json={"max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["message"]["metadata"]["swipes"][0] == "edited"
+    assert c.post(f"{base}/continue", json={"max_tokens": 2}).status_code == 200
