@@ -81,6 +81,13 @@ def test_persona_editor(browser, live_server, tmp_path):  # noqa: F811
     saved = httpx.get(f"{url}/v1/personas/jiwoo").json()
     assert saved["greeting"] == "아빠 왔어?" and saved["lorebook"]["entries"][0]["keys"] == ["동백"]
 
+    # the inspector names the lorebook entry a message activates, with its token cost
+    browser.find_element(By.ID, "input").send_keys("동백꽃 봤어?")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: "lore: 동백 (before_char," in d.find_element(By.ID, "memory-lore").text)
+    assert int(browser.find_element(By.ID, "tok-lore").text) > 0
+    assert browser.find_element(By.ID, "bar-lore").size["width"] > 0
+
     # card import from a file (the drop zone's file input)
     card = {"spec": "chara_card_v2", "spec_version": "2.0",
             "data": {"name": "Mina", "description": "Mina runs an inn.", "first_mes": "Welcome!"}}
