@@ -6,7 +6,9 @@ A SillyTavern chat file is one JSON object per line: a header
 Roles: `is_user` -> user; `extra.type == "narrator"` -> system; otherwise assistant. A message
 SillyTavern hid from the model (`is_system` on a non-narrator line) is imported with metadata
 `{"hidden": true}`. Swipes (alternative replies) travel as metadata `swipes` / `swipe_id`, the
-same shape the chat operations use, so a chat keeps its alternatives both ways.
+same shape the chat operations use, so a chat keeps its alternatives both ways. SillyTavern's
+author's note (`chat_metadata.note_prompt`, `note_depth`, `note_interval`, `note_role`) becomes
+the session's `authors_note` and is written back on export.
 
 `parse_chat(body)` -> `ParsedChat`; `export_sillytavern(...)` -> JSONL text. Errors are
 `ChatFileError` naming the line and the field.
@@ -186,6 +188,30 @@ def _parse_time_text(text: str) -> datetime | None:
 # ---------------------------------------------------------------- export
 
 
+_ST_ROLES = {0: "system", 1: "user", 2: "assistant"}
+
+
+def authors_note_from(chat_meta: dict[str, Any]) -> dict[str, Any] | None:
+    """SillyTavern's per-chat author's note as Memento's `authors_note` ({text, depth, every, role})."""
+    text = chat_meta.get("note_prompt")
+    if not isinstance(text, str) or not text.strip():
+        return None
+
+    def number(key: str, default: int, low: int) -> int:
+        v = chat_meta.get(key)
+        return min(max(int(v), low), 1000) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+    every = number("note_interval", 1, 0) or 1  # SillyTavern: 0 = never; imported as always, the note was written
+    role = _ST_ROLES.get(chat_meta.get("note_role"), "system")
+    return {"text": text[:32_000], "depth": number("note_depth", 4, 0), "every": every, "role": role}
+
+
+def authors_note_to(note: dict[str, Any]) -> dict[str, Any]:
+    roles = {v: k for k, v in _ST_ROLES.items()}
+    return {"note_prompt": note.get("text", ""), "note_depth": note.get("depth", 4),
+            "note_interval": note.get("every", 1), "note_role": roles.get(note.get("role", "system"), 0)}
+
+
 def st_date(iso: str) -> str:
     """SillyTavern's send_date text ("June 19, 2023 4:13pm") for a stored ISO time."""
     dt = datetime.fromisoformat(iso)
@@ -204,6 +230,9 @@ def export_sillytavern(
         "create_date": created,
         "chat_metadata": {"memento": {"session_id": session.id, "persona": session.persona, "memory": session.memory}},
     }
+    note = session.metadata.get("authors_note")
+    if isinstance(note, dict) and note.get("text"):
+        header["chat_metadata"].update(authors_note_to(note))
     lines = [json.dumps(header, ensure_ascii=False)]
     for m in messages:
         lines.append(json.dumps(_st_line(m, user_name, character_name), ensure_ascii=False))

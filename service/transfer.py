@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from memory.types import Session
-from service.chat_files import ChatFileError, export_sillytavern, parse_chat
+from service.chat_files import ChatFileError, authors_note_from, export_sillytavern, parse_chat
 from service.errors import APIError
 
 log = logging.getLogger("memento.transfer")
@@ -71,6 +71,9 @@ class Transfers:
                 )
         start = len(self.store.list_messages(session.id))
         stored = self.store.append_messages(session.id, chat.messages)
+        note = authors_note_from(chat.metadata)
+        if note is not None:  # SillyTavern's author's note for this chat
+            self.store.update_session(session.id, metadata={**session.metadata, "authors_note": note})
         state = {"start": start, "imported": len(stored), "done": 0, "state": "building"}
         previous = self.store.get_state(session.id, STATE_KEY)
         if previous and previous.get("state") == "building":  # an earlier import still building: one range

@@ -17,7 +17,8 @@ def st_chat(turns: int, plant: dict[int, str] | None = None) -> str:
     """A SillyTavern chat file of `turns` exchanges (header line + 2 lines per exchange)."""
     plant = plant or {}
     lines = [json.dumps({"user_name": "Ada", "character_name": "Bot", "create_date": "2024-05-01@12h00m00s",
-                         "chat_metadata": {"note": "x"}})]
+                         "chat_metadata": {"note_prompt": "[Bot is sleepy.]", "note_depth": 2, "note_interval": 3,
+                                           "note_role": 0}})]
     for i in range(turns):
         said = plant.get(i, f"turn {i}: {TOPICS[i % len(TOPICS)]}")
         lines.append(json.dumps({"name": "Ada", "is_user": True, "is_system": False,
@@ -92,6 +93,10 @@ def test_export_is_sillytavern_jsonl_and_round_trips(app_any_store):
     assert first_user["is_user"] is True and first_user["mes"].startswith("turn 0")
     assert first_reply["is_user"] is False and first_reply["swipes"] == ["first take", "noted 0"]
     assert first_reply["swipe_id"] == 1 and first_reply["send_date"].startswith("May 1, 2024")
+    # SillyTavern's author's note became the session's and goes back out
+    note = c.get("/v1/sessions/rt-1").json()["metadata"]["authors_note"]
+    assert note == {"text": "[Bot is sleepy.]", "depth": 2, "every": 3, "role": "system"}
+    assert (header["chat_metadata"]["note_prompt"], header["chat_metadata"]["note_interval"]) == ("[Bot is sleepy.]", 3)
     # importing the export again gives the same transcript (and keeps swipes)
     assert c.post("/v1/sessions/rt-2/import", content=r.content).status_code == 201
     a = c.get("/v1/sessions/rt-1/messages").json()["data"]
