@@ -239,17 +239,44 @@ def bench(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Option(help="built-in name, .gguf file or HF directory")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+    concurrency: Annotated[str | None, typer.Option(
+        help="serving bench instead: comma-separated levels of concurrent streaming sessions, e.g. 1,4,8,16")] = None,
+    llama_server: Annotated[str | None, typer.Option(
+        help="with --concurrency: a llama-server binary measured by the same client on the same GGUF")] = None,
+    max_tokens: Annotated[int, typer.Option(min=2, max=2048, help="with --concurrency: tokens per reply")] = 64,
 ) -> None:
-    """Engine numbers against Hugging Face transformers on the same weights."""
+    """Engine numbers against Hugging Face transformers on the same weights (or, with
+    --concurrency, serving numbers over HTTP against llama.cpp)."""
     if ctx.invoked_subcommand is not None:
         return
     from model.bench import print_table, run_bench
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = settings_or_exit(None, model=model)
+    if concurrency is not None:
+        serving_bench(settings.model, concurrency, llama_server, max_tokens, json_out)
+        return
     result = run_bench(settings.model, device=settings.device, dtype=settings.dtype, json_out=json_out)
     if not json_out:
         print_table(result)
+
+
+def serving_bench(model: str, levels_text: str, llama_server: str | None, max_tokens: int, json_out: bool) -> None:
+    from service.serving_bench import print_serving_table, run_serving_bench
+
+    try:
+        levels = [int(x) for x in levels_text.split(",") if x.strip()]
+    except ValueError:
+        raise fail(f"--concurrency {levels_text!r}: give comma-separated integers, e.g. 1,4,8,16") from None
+    if not levels or any(not 1 <= c <= 64 for c in levels):
+        raise fail(f"--concurrency {levels_text!r}: every level must be between 1 and 64")
+    if llama_server is not None and not Path(llama_server).is_file():
+        raise fail(f"--llama-server {llama_server}: no such file (build it: cmake --build build --target llama-server)")
+    result = run_serving_bench(levels, model=model, llama_server=llama_server, max_tokens=max_tokens)
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        print_serving_table(result)
 
 
 @bench_app.command("memory")
