@@ -71,10 +71,23 @@ def response_format_grammar(response_format: Any) -> str | None:
                        "({'name': ..., 'schema': {...}})", param="response_format.json_schema", code="invalid_value")
     schema = spec.schema_ if spec.schema_ is not None else {"type": "object"}
     check_schema_size(schema, param)
+    schema = closed(schema)  # objects without additionalProperties get false, as OpenAI strict mode has it
     try:
         return schema_grammar(schema)
     except Exception as exc:  # llguidance raises on schemas it cannot even read
         raise invalid_schema(param, str(exc)) from exc
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object that does not say otherwise."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) if k not in ("const", "enum", "default", "examples") else v for k, v in schema.items()}
+    if out.get("type") == "object" or "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
 
 
 def check_schema_size(schema: Any, param: str) -> None:

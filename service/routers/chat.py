@@ -161,7 +161,7 @@ def output_plan(body: ChatCompletionRequest, tok: Any, sampling: Sampling) -> To
     """Put the request's grammar on `sampling` (tool calls, else response_format); the tool plan."""
     plan = ToolPlan.build(body.tools, body.tool_choice, body.parallel_tool_calls, tok)
     if plan is not None and plan.factory is not None:
-        sampling.processors = lambda: [plan.constraint()]
+        sampling.processors = lambda: plan.processors(tok)
         return plan
     grammar = response_format_grammar(body.response_format)
     if grammar is not None:

@@ -1,0 +1,65 @@
+"""Acceptance: LangChain's own standard integration tests for chat models (`langchain-tests`,
+`ChatModelIntegrationTests`) through `langchain_openai.ChatOpenAI` against a real Memento server
+on 127.0.0.1 serving the built-in SmolLM2-135M, with tool calling, tool choice, structured output
+and JSON mode on (multimodal off). Greedy decoding and a small `max_tokens` bound the runtime."""
+
+from __future__ import annotations
+
+import pytest
+from langchain_openai import ChatOpenAI
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+from tests.service.conftest import LiveServer, free_port, make_settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="class", autouse=True)
+def memento_server(request, tmp_path_factory, smol_lm):
+    from service.main import create_app
+
+    settings = make_settings(tmp_path_factory.mktemp("lc"), max_tokens=160, keepalive_seconds=5.0)
+    with LiveServer(create_app(settings, lm=smol_lm), free_port()) as server:
+        request.cls.base_url = server.url + "/v1"
+        yield server
+
+
+class TestMementoChatOpenAI(ChatModelIntegrationTests):
+    base_url = ""
+
+    @property
+    def chat_model_class(self) -> type[ChatOpenAI]:
+        return ChatOpenAI
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {
+            "model": "smollm2-135m-instruct",
+            "base_url": self.base_url,
+            "api_key": "unused",
+            "temperature": 0,
+            "max_tokens": 160,
+            "max_retries": 0,
+            "timeout": 120,
+            "stream_usage": True,
+        }
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
