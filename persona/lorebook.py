@@ -257,8 +257,23 @@ def _decorated(content: str, entry: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _int(v: Any, default: int) -> int:
+    """An integer field from a card written by any tool: numbers and digit strings, else `default`."""
+    if isinstance(v, bool):
+        return default
+    if isinstance(v, (int, float)) and abs(v) < 2**53:
+        return int(v)
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v.strip())
+    return default
+
+
 def _entry_from_card(raw: dict[str, Any]) -> dict[str, Any]:
-    ext = raw.get("extensions") if isinstance(raw.get("extensions"), dict) else {}
+    ext = _dict(raw.get("extensions"))
     entry: dict[str, Any] = {
         "keys": raw.get("keys") or [],
         "secondary_keys": raw.get("secondary_keys") or [],
@@ -270,20 +285,21 @@ def _entry_from_card(raw: dict[str, Any]) -> dict[str, Any]:
         "selective": bool(raw.get("selective")),
         "case_sensitive": bool(raw.get("case_sensitive")),
         "use_regex": bool(raw.get("use_regex")),
-        "insertion_order": int(raw.get("insertion_order") or 0),
-        "priority": int(raw.get("priority") if raw.get("priority") is not None else 10),
+        "insertion_order": _int(raw.get("insertion_order"), 0),
+        "priority": _int(raw.get("priority"), 10),
         "position": "after_char" if raw.get("position") == "after_char" else "before_char",
         "extensions": ext,
     }
     # SillyTavern keeps its richer fields in the entry's extensions
-    if ext.get("position") in _ST_POSITIONS:
-        entry["position"] = _ST_POSITIONS[ext["position"]]
-    if isinstance(ext.get("depth"), int):
-        entry["depth"] = max(0, ext["depth"])
-    if ext.get("role") in _ST_ROLES:
-        entry["role"] = _ST_ROLES[ext["role"]]
-    if ext.get("selectiveLogic") in _ST_LOGIC:
-        entry["selective_logic"] = _ST_LOGIC[ext["selectiveLogic"]]
+    # (unhashable junk such as a list must not reach the dict lookups: _int turns it into -1)
+    if _int(ext.get("position"), -1) in _ST_POSITIONS:
+        entry["position"] = _ST_POSITIONS[_int(ext.get("position"), -1)]
+    if "depth" in ext:
+        entry["depth"] = min(max(_int(ext.get("depth"), 4), 0), 10_000)
+    if _int(ext.get("role"), -1) in _ST_ROLES:
+        entry["role"] = _ST_ROLES[_int(ext.get("role"), -1)]
+    if _int(ext.get("selectiveLogic"), -1) in _ST_LOGIC:
+        entry["selective_logic"] = _ST_LOGIC[_int(ext.get("selectiveLogic"), -1)]
     if isinstance(ext.get("match_whole_words"), bool):
         entry["match_whole_words"] = ext["match_whole_words"]
     entry["exclude_recursion"] = bool(ext.get("exclude_recursion"))
@@ -301,7 +317,7 @@ def book_from_card(raw: Any, source: str = "<card>") -> Lorebook | None:
         return None
     if not isinstance(raw, dict) or not isinstance(raw.get("entries", []), list):
         raise PersonaError("must be an object with a list of entries", file=source, field="data.character_book")
-    data = {
+    data: dict[str, Any] = {
         "name": str(raw.get("name") or ""),
         "description": str(raw.get("description") or ""),
         "recursive_scanning": bool(raw.get("recursive_scanning")),
@@ -364,8 +380,8 @@ def parse_world_info(text: str | bytes, source: str = "<world info>") -> Loreboo
             if isinstance(raw.get(st_key), int):
                 book[key] = raw[st_key]
         book["recursive_scanning"] = bool(raw.get("recursive_scanning"))
-        return book_from_card(book, source) or Lorebook()
-    return book_from_card(raw, source) or Lorebook()
+        return book_from_card(book, source) or Lorebook.model_validate({})
+    return book_from_card(raw, source) or Lorebook.model_validate({})
 
 
 def _validated(data: dict[str, Any], source: str, field: str) -> Lorebook:

@@ -76,7 +76,7 @@ def _parse_messages(obj: dict[str, Any]) -> ParsedChat:
         if not isinstance(content, str):
             raise ChatFileError(f"{where}.content: must be text", field=f"{where}.content")
         created = _parse_time(item.get("created_at"), f"{where}.created_at") if item.get("created_at") else None
-        meta = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+        meta = _dict(item.get("metadata"))
         out.append({"role": role, "content": content, "created_at": created, "metadata": {**meta, "imported": True}})
     return ParsedChat(out, "messages")
 
@@ -101,7 +101,7 @@ def _parse_sillytavern(text: str) -> ParsedChat:
         header = records.pop(0)[1]
     _check_count(len(records))
     messages = [_st_message(n, rec) for n, rec in records]
-    chat_meta = header.get("chat_metadata") if isinstance(header.get("chat_metadata"), dict) else {}
+    chat_meta = _dict(header.get("chat_metadata"))
     return ParsedChat(
         messages, "sillytavern", _str(header.get("user_name")), _str(header.get("character_name")), chat_meta
     )
@@ -111,8 +111,8 @@ def _st_message(n: int, rec: dict[str, Any]) -> dict[str, Any]:
     mes = rec.get("mes")
     if not isinstance(mes, str):
         raise ChatFileError("'mes' (the message text) is missing or not text", line=n, field="mes")
-    extra = rec.get("extra") if isinstance(rec.get("extra"), dict) else {}
-    ours = extra.get("memento") if isinstance(extra.get("memento"), dict) else {}
+    extra = _dict(rec.get("extra"))
+    ours = _dict(extra.get("memento"))
     if rec.get("is_user"):
         role = "user"
     elif extra.get("type") == "narrator":
@@ -127,7 +127,7 @@ def _st_message(n: int, rec: dict[str, Any]) -> dict[str, Any]:
         meta["hidden"] = True
     swipes = rec.get("swipes")
     if role == "assistant" and isinstance(swipes, list) and len(swipes) > 1 and all(isinstance(s, str) for s in swipes):
-        sid = rec.get("swipe_id") if isinstance(rec.get("swipe_id"), int) else 0
+        sid = rec["swipe_id"] if isinstance(rec.get("swipe_id"), int) else 0
         meta["swipes"], meta["swipe_id"] = list(swipes), min(max(sid, 0), len(swipes) - 1)
     when = rec.get("send_date")
     created = _parse_time(when, "send_date", line=n, strict=False) if when else None
@@ -139,6 +139,10 @@ def _check_count(n: int) -> None:
         raise ChatFileError(
             f"{n} messages is more than one import takes ({MAX_IMPORT_MESSAGES}); split the chat", field="messages"
         )
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
 
 
 def _str(v: Any) -> str | None:
@@ -202,7 +206,8 @@ def authors_note_from(chat_meta: dict[str, Any]) -> dict[str, Any] | None:
         return min(max(int(v), low), 1000) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
 
     every = number("note_interval", 1, 0) or 1  # SillyTavern: 0 = never; imported as always, the note was written
-    role = _ST_ROLES.get(chat_meta.get("note_role"), "system")
+    note_role = chat_meta.get("note_role")
+    role = _ST_ROLES.get(note_role, "system") if isinstance(note_role, int) else "system"
     return {"text": text[:32_000], "depth": number("note_depth", 4, 0), "every": every, "role": role}
 
 
@@ -224,7 +229,7 @@ def export_sillytavern(
     """The transcript as a SillyTavern chat file (JSONL). Memento's ids and metadata ride in
     `extra.memento` (SillyTavern keeps unknown `extra` keys), so a re-import restores them."""
     created = datetime.fromisoformat(session.created_at).strftime(ST_CREATE_DATE)
-    header = {
+    header: dict[str, Any] = {
         "user_name": user_name,
         "character_name": character_name,
         "create_date": created,

@@ -34,7 +34,7 @@ def find(messages: list[Message], message_id: str) -> int:
 
 
 def with_history(meta: dict[str, Any], old: str, op: str) -> dict[str, Any]:
-    earlier = meta.get("history") if isinstance(meta.get("history"), list) else []
+    earlier: list[Any] = meta["history"] if isinstance(meta.get("history"), list) else []
     history = [*earlier, {"content": old, "at": now_iso(), "op": op}][-MAX_HISTORY:]
     return {**meta, "history": history}
 

@@ -220,6 +220,10 @@ def test_sillytavern_world_info_file():
     odd = book_from_card({"entries": [{"keys": ["a"], "content": "b", "position": "sideways",
                                        "extensions": {"role": 1, "depth": -5}}]}, "<t>")
     assert (odd.entries[0].position, odd.entries[0].depth, odd.entries[0].role) == ("before_char", 0, "user")
+    sloppy = book_from_card({"entries": [{"keys": ["a"], "content": "b", "insertion_order": "7", "priority": "high"},
+                                         {"keys": ["c"], "content": "d", "insertion_order": {"x": 1},
+                                          "extensions": {"position": [4], "role": {}, "depth": "deep"}}]}, "<t>")
+    assert [(e.insertion_order, e.priority) for e in sloppy.entries] == [(7, 10), (0, 10)]  # never a crash
     with pytest.raises(PersonaError, match="data.character_book.entries.0"):
         book_from_card({"entries": ["not an entry"]}, "<t>")
 
