@@ -50,6 +50,7 @@ class Sampling:
     # `advance(index, token_id)` hears each sampled token early (service/structured.py)
     processors: Callable[[], list[Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # more SamplingParams fields (penalties, logprobs)
+    tool_parser: Callable[[str], list[dict[str, Any]]] | None = None  # reply text -> OpenAI tool calls
 
 
 @dataclass
@@ -294,6 +295,8 @@ class Conversations:
             if prep.session is not None and prep.new_message is not None:
                 self.store.append_message(prep.session.id, "user", prep.new_message)
             result = self._generate(job, prep, sampling)
+            if sampling.tool_parser is not None:
+                result.tool_calls = sampling.tool_parser(result.text) or None
             if prep.session is not None:
                 result.message = self._store_reply(prep, result)
                 self.schedule_after_turn(prep.session.id)
@@ -391,6 +394,8 @@ class Conversations:
             "model": self.rt.lm.name,
         }
         metadata.update(result.register_meta)
+        if result.tool_calls:  # the content keeps them as <tool_call> text; metadata as OpenAI objects
+            metadata["tool_calls"] = result.tool_calls
         if prep.remind:
             metadata["reminded"] = True
         if result.finish_reason == "cancelled":

@@ -162,6 +162,7 @@ def output_plan(body: ChatCompletionRequest, tok: Any, sampling: Sampling) -> To
     plan = ToolPlan.build(body.tools, body.tool_choice, body.parallel_tool_calls, tok)
     if plan is not None and plan.factory is not None:
         sampling.processors = lambda: plan.processors(tok)
+        sampling.tool_parser = parse_calls  # on the worker: memory mode stores the calls with the reply
         return plan
     grammar = response_format_grammar(body.response_format)
     if grammar is not None:
@@ -196,8 +197,6 @@ def chat_sampling_extra(body: ChatCompletionRequest) -> dict[str, Any]:
 
 
 def chat_choice(i: int, r: TurnResult, tools_on: bool, tok: Any, logprobs: bool | None) -> Choice:
-    if tools_on:
-        r.tool_calls = parse_calls(r.text) or None
     message = ChatCompletionMessage(content=None if r.tool_calls else r.text, tool_calls=r.tool_calls)
     lp = chat_logprobs(tok, r.token_logprobs) if logprobs else None
     return Choice(finish_reason=r.openai_finish_reason(), index=i, logprobs=lp, message=message)
@@ -233,7 +232,6 @@ async def openai_stream(items: AsyncIterator[tuple[int, Any]], meta: dict[str, A
             elif isinstance(item, TurnResult):
                 for delta in (calls[i].finish() if calls[i] else []):
                     yield chunk([ChunkChoice(delta=stream_delta(delta), index=i)])
-                item.tool_calls = parse_calls(item.text) or None if tools_on else None
                 results.append(item)
                 yield chunk([ChunkChoice(delta=ChoiceDelta(), finish_reason=item.openai_finish_reason(), index=i)])
             else:

@@ -308,3 +308,54 @@ def test_tokenize_detokenize_llama_cpp_shapes(app):
 def test_models_report_the_context_window(app):
     card = app.client.get("/v1/models").json()["data"][0]
     assert card["context_window"] == app.rt.context_window
+
+
+# ------------------------------------------------------------------ memory mode, auto decision, closed schemas
+
+
+def test_memory_mode_stores_tool_calls_and_results(oai, app):
+    headers = {"X-Session-ID": "tools-1"}
+    r = oai.chat.completions.create(model="m", messages=HI, max_tokens=60, tools=[WEATHER], seed=1,
+                                    tool_choice="required", parallel_tool_calls=False, extra_headers=headers)
+    call = r.choices[0].message.tool_calls[0]
+    result = [{"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    oai.chat.completions.create(model="m", messages=result, max_tokens=3, tools=[WEATHER], tool_choice="none",
+                                extra_headers=headers)
+    stored = app.client.get("/v1/sessions/tools-1/messages").json()["data"]
+    assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
+    assert stored[1]["content"].startswith("<tool_call>{\"name\":\"get_weather\"")
+    assert stored[1]["metadata"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert stored[2]["content"] == "<tool_response>\nsunny\n</tool_response>"
+    context = app.client.get("/v1/sessions/tools-1/context").json()["messages"]
+    assert any("<tool_call>" in m["content"] for m in context if m["role"] == "assistant")
+
+
+def test_auto_decision_follows_the_call_mass(smol_tokenizer):
+    import torch
+
+    from service.tools import AUTO_CALL_MIN_P, AutoDecision, call_start_ids
+
+    starts = call_start_ids(smol_tokenizer)
+    decide = AutoDecision(smol_tokenizer)
+    logits = torch.zeros(smol_tokenizer.vocab_size)
+    share = len(starts) / smol_tokenizer.vocab_size  # uniform logits: the call mass is the share of '<' tokens
+    out = decide([], logits.clone())
+    kept = torch.isfinite(out)
+    if share >= AUTO_CALL_MIN_P:
+        assert kept[starts].all() and int(kept.sum()) == len(starts)
+    else:
+        assert not kept[starts].any()
+    logits[starts] = 10.0  # the model clearly wants a call
+    assert torch.isfinite(decide([], logits.clone()))[starts].all()
+    assert int(torch.isfinite(decide([], logits.clone())).sum()) == len(starts)
+    assert torch.equal(decide([5], logits), logits)  # only the first token is decided
+
+
+def test_closed_schemas_get_additional_properties_false():
+    from service.structured import closed
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {}},
+                                               "b": {"type": "object", "additionalProperties": True}}}
+    out = closed(schema)
+    assert out["additionalProperties"] is False and out["properties"]["a"]["additionalProperties"] is False
+    assert out["properties"]["b"]["additionalProperties"] is True  # the client's choice stays
