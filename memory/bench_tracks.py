@@ -105,7 +105,7 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, float] | None]] = [  # (row 
 
 
 def _strategy(config: dict[str, Any], weights: dict[str, float] | None, deps: StrategyDeps) -> Any:
-    strategy = build_strategy(config, deps)
+    strategy: Any = build_strategy(config, deps)
     if weights is not None:
         strategy.weights = dict(weights)
     return strategy
@@ -152,7 +152,7 @@ def current_fact_track(store: Any, deps: StrategyDeps, turns: int = TURNS) -> li
                 text, used = _context(strategy, store, session, question, deps.counter)
                 tokens += used
                 hits += key in text
-                stale_only += bool(stale) and stale in text and key not in text
+                stale_only += bool(stale and stale in text and key not in text)
             rows.append({"track": "current-fact", "lang": lang, "variant": name, "questions": len(facts),
                          "recall": hits / len(facts), "stale_only": stale_only,
                          "memory_tokens": tokens / len(facts)})
@@ -232,7 +232,8 @@ def summary_track(store: Any, counter: Any, turns: tuple[int, ...] = (50, 200), 
     from model import Engine, load_model
 
     lm = load_model(model, device="cpu", dtype="float32", progress=False)
-    summarizers = {"extractive": ExtractiveSummarizer(), f"model ({model})": ModelSummarizer(Engine(lm), lm.tokenizer)}
+    summarizers: dict[str, Any] = {"extractive": ExtractiveSummarizer(),
+                                   f"model ({model})": ModelSummarizer(Engine(lm), lm.tokenizer)}
     config = {"strategy": "summary_buffer", "max_tokens": 512}
     rows = []
     for name, summarizer in summarizers.items():

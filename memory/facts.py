@@ -2,7 +2,7 @@
 
     facts = FactBook(store)
     facts.update(session, messages)           # after the turn: extract from new user messages
-    facts.list(session.owner, session_id=None)   # every fact of the owner (user scope), newest first
+    facts.list_facts(session.owner)              # every fact of the owner (user scope), newest first
     facts.correct(owner, fact_id, "I live in Daejeon.")   # a user correction supersedes the fact
     facts.delete(owner, fact_id)                # an explicit delete removes it
 
@@ -181,7 +181,7 @@ class FactBook:
         facts = [f for f in self.session_facts(session_id) if f.origin == "user"]
         self._save(session_id, {"count": 0, "last_id": None}, facts)
 
-    def list(self, owner: str, session_id: str | None = None) -> list[Fact]:
+    def list_facts(self, owner: str, session_id: str | None = None) -> list[Fact]:
         """The owner's facts (one session's when given), current state computed across sessions."""
         if session_id is not None:
             facts = self.session_facts(session_id)

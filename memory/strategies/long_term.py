@@ -53,7 +53,7 @@ class LongTermStrategy:
     def view(self, session: Session, messages: list[Message], new_message: str) -> MemoryView:
         history = history_before(messages, new_message)
         recent = last_exchanges(history, self.turns)
-        facts = self.facts.list(session.owner, session.id if self.scope == "session" else None)
+        facts = self.facts.list_facts(session.owner, session.id if self.scope == "session" else None)
         view = MemoryView(
             recent=recent,
             blocks=self.core.texts(session.id),

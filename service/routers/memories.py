@@ -97,7 +97,7 @@ async def list_memories(
     def run() -> dict[str, Any]:
         if session_id is not None:
             conv.get_session(session_id, user)  # 404 for someone else's
-        facts = FactBook(conv.store).list(user, session_id)
+        facts = FactBook(conv.store).list_facts(user, session_id)
         if current is not None:
             facts = [f for f in facts if f.current == current]
         return {"object": "list", "data": [f.to_dict() for f in facts]}

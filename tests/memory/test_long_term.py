@@ -93,7 +93,7 @@ def test_a_new_fact_supersedes_the_old_one_which_is_kept_as_past(store):
     book = FactBook(store)
     fill(store, session, 3, plant={0: "I live in Busan.", 2: "We moved to Daejeon."})
     book.update(session, store.list_messages(session.id))
-    facts = book.list(session.owner)
+    facts = book.list_facts(session.owner)
     [now] = [f for f in facts if f.current]
     [past] = [f for f in facts if not f.current]
     assert now.text == "We moved to Daejeon." and past.text == "I live in Busan."
@@ -105,7 +105,7 @@ def test_facts_keep_the_language_they_were_said_in(store):
     session = make_session(store)
     fill(store, session, 1, plant={0: "우리 강아지 이름은 콩이야"}, lang="ko")
     FactBook(store).update(session, store.list_messages(session.id))
-    [fact] = FactBook(store).list(session.owner)
+    [fact] = FactBook(store).list_facts(session.owner)
     assert fact.text == "우리 강아지 이름은 콩이야" and fact.lang == "ko"
 
 
@@ -116,15 +116,15 @@ def test_user_scope_newest_session_wins_and_correct_and_delete(store):
     book.update(a, store.list_messages(a.id))
     fill(store, b, 1, plant={0: "I live in Daejeon."})
     book.update(b, store.list_messages(b.id))
-    facts = book.list("alice")
+    facts = book.list_facts("alice")
     assert [f.text for f in facts if f.current] == ["I live in Daejeon."]
     current = next(f for f in facts if f.current)
     fixed = book.correct("alice", current.id, "I live in Daejeon, Yuseong-gu.", at="2099-01-01T00:00:00Z")
-    texts = {f.text: f for f in book.list("alice")}
+    texts = {f.text: f for f in book.list_facts("alice")}
     assert texts["I live in Daejeon, Yuseong-gu."].current and fixed.origin == "user"
     assert not texts["I live in Daejeon."].current  # corrected, kept as past
     book.delete("alice", fixed.id)
-    assert "I live in Daejeon, Yuseong-gu." not in {f.text for f in book.list("alice")}
+    assert "I live in Daejeon, Yuseong-gu." not in {f.text for f in book.list_facts("alice")}
     with pytest.raises(FactNotFound):
         book.delete("bob", current.id)  # another owner's fact is not found
 
