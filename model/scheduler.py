@@ -116,19 +116,23 @@ class Scheduler:
         return seq
 
     def _admit(self) -> None:
+        deferred: list[Sequence] = []
         while len(self.running) < self.max_batch and self.waiting:
             seq = self._next_waiting()
             bs = self.pool.block_size
             keys = chain_keys(seq.tokens[: len(seq.tokens) - 1], bs, seq.owner, seq.prefix_len)
             table = self.pool.match(keys)  # at least one token is left to compute: its logits sample
+            if len(table) < len(keys) and self._being_computed(keys[len(table)]):
+                for b in table:  # the same prefix is being prefilled: wait a step and map its blocks
+                    self.pool.release(b)
+                deferred.append(seq)
+                continue
             first_chunk = min(len(seq.tokens) - len(table) * bs, self.prefill_chunk)
             if self.pool.blocks_free < -(-first_chunk // bs) and self.running:
                 for b in table:  # no room until someone finishes: wait at the front
                     self.pool.release(b)
-                self.waiting[seq.owner] = self.waiting.pop(seq.owner, deque())
-                self.waiting[seq.owner].appendleft(seq)
-                self.waiting.move_to_end(seq.owner, last=False)
-                return
+                self._requeue_front(seq)
+                break
             seq.table, seq.keys = table, keys[: len(table)]
             seq.computed = len(table) * bs
             if seq.cached_tokens == 0:  # a preempted sequence keeps the figure of its first admission
@@ -137,7 +141,20 @@ class Scheduler:
                 self.pool.hits += seq.computed
             self._admissions += 1
             seq.admitted = self._admissions
+            seq.prompt_keys = keys
             self.running.append(seq)
+        for seq in reversed(deferred):
+            self._requeue_front(seq)
+
+    def _being_computed(self, key: bytes) -> bool:
+        """Whether a running sequence's prefill will publish `key` (n samples of one prompt)."""
+        return any(s.pending > 1 and key in s.prompt_keys[len(s.keys):] for s in self.running)
+
+    def _requeue_front(self, seq: Sequence) -> None:
+        q = self.waiting.pop(seq.owner, deque())
+        q.appendleft(seq)
+        self.waiting[seq.owner] = q
+        self.waiting.move_to_end(seq.owner, last=False)
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to feed) for this step, with blocks reserved for them."""
@@ -176,10 +193,7 @@ class Scheduler:
         for b in seq.table:
             self.pool.release(b)
         seq.table, seq.keys, seq.computed = [], [], 0
-        q = self.waiting.pop(seq.owner, deque())
-        q.appendleft(seq)
-        self.waiting[seq.owner] = q
-        self.waiting.move_to_end(seq.owner, last=False)
+        self._requeue_front(seq)
 
     @torch.inference_mode()
     def _forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:

@@ -38,6 +38,7 @@ class Sequence:
     computed: int = 0  # tokens whose keys/values are in the pool
     table: list[int] = field(default_factory=list)  # block ids
     keys: list[bytes] = field(default_factory=list)  # chain keys of the full blocks published so far
+    prompt_keys: list[bytes] = field(default_factory=list)  # keys its prompt's full blocks will have
     cached_tokens: int = 0  # prompt tokens found in the cache at admission
     admitted: int = 0  # admission order (the newest is preempted first)
     finish_reason: str | None = None

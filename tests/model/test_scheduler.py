@@ -135,3 +135,16 @@ def test_gemma3_sliding_window_batched_equals_full_forward(hf_dir_factory):
     for p, s, spy in zip(prompts, seqs, spies, strict=True):
         for j, got in enumerate(spy.seen):
             assert torch.allclose(got, full_logits(ref_lm, p + s.generated[:j]), atol=ATOL), (len(p), j)
+
+
+def test_samples_of_one_prompt_share_its_blocks(lm):
+    """n samples submitted together: one prefills, the others wait a step and map its blocks."""
+    eng = Engine(lm, block_size=4)
+    prompt = ids(41, 260)
+    seqs = [Sequence(prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=5)) for i in range(4)]
+    for s in seqs:
+        eng.scheduler.add(s)
+    while eng.scheduler.has_work():
+        eng.scheduler.step()
+    assert sorted(s.cached_tokens for s in seqs) == [0, 40, 40, 40]
+    assert len({tuple(s.generated) for s in seqs}) > 1  # different seeds, different samples
