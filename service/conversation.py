@@ -94,6 +94,23 @@ class TurnResult:
         return "stop" if self.finish_reason == "stop" else "length"
 
 
+def sampling_extra(vocab_size: int, presence: float | None, frequency: float | None,
+                   bias: dict[str, float] | None, logprobs: int | None) -> dict[str, Any]:
+    """The request's SamplingParams fields beyond the basic ones; logit_bias checked against the vocabulary."""
+    from service.client_messages import logit_bias
+
+    extra: dict[str, Any] = {}
+    if presence:
+        extra["presence_penalty"] = presence
+    if frequency:
+        extra["frequency_penalty"] = frequency
+    if bias:
+        extra["logit_bias"] = logit_bias(bias, vocab_size)  # 422 naming the bad key
+    if logprobs is not None:
+        extra["logprobs"] = logprobs
+    return extra
+
+
 def usage_dict(u: Any) -> dict[str, int]:
     return {
         "prompt_tokens": u.prompt_tokens,

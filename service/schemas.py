@@ -287,6 +287,9 @@ class MessageCreate(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     stop: list[str] | str | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)  # OpenAI semantics, over the reply
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id -> bias in [-100, 100]
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -107,13 +107,13 @@ async def chat_completions(
     tools_on = plan is not None and plan.mode != "none"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        streams = [await o for o in outcomes]
+        streams = await open_all(outcomes)
         return sse.response(openai_stream(merge(streams), meta, include_usage, n, tools_on, rt.tokenizer),
                             headers=headers)
     results: list[TurnResult] = list(await asyncio.gather(*outcomes))
     completion = ChatCompletion(
         **meta,
-        choices=[chat_choice(i, r, tools_on, rt.tokenizer, body.logprobs) for i, r in enumerate(results)],
+        choices=[chat_choice(i, r, rt.tokenizer, body.logprobs) for i, r in enumerate(results)],
         usage=total_usage(results),
         session_id=session.id if session is not None else None,
     )
@@ -157,6 +157,21 @@ def openai_usage(result: TurnResult) -> CompletionUsage:
     )
 
 
+async def open_all(outcomes: list[Any]) -> list[Any]:
+    """Open every choice's stream; if one is refused (queue full), close the ones already running."""
+    streams: list[Any] = []
+    try:
+        for o in outcomes:
+            streams.append(await o)
+    except BaseException:
+        for s in streams:
+            await s.aclose()  # cancels its job
+        for o in outcomes[len(streams) + 1:]:
+            o.close()  # never started
+        raise
+    return streams
+
+
 def output_plan(body: ChatCompletionRequest, tok: Any, sampling: Sampling) -> ToolPlan | None:
     """Put the request's grammar on `sampling` (tool calls, else response_format); the tool plan."""
     plan = ToolPlan.build(body.tools, body.tool_choice, body.parallel_tool_calls, tok)
@@ -196,7 +211,7 @@ def chat_sampling_extra(body: ChatCompletionRequest) -> dict[str, Any]:
     return extra
 
 
-def chat_choice(i: int, r: TurnResult, tools_on: bool, tok: Any, logprobs: bool | None) -> Choice:
+def chat_choice(i: int, r: TurnResult, tok: Any, logprobs: bool | None) -> Choice:
     message = ChatCompletionMessage(content=None if r.tool_calls else r.text, tool_calls=r.tool_calls)
     lp = chat_logprobs(tok, r.token_logprobs) if logprobs else None
     return Choice(finish_reason=r.openai_finish_reason(), index=i, logprobs=lp, message=message)

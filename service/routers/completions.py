@@ -19,8 +19,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service import sse
-from service.client_messages import logit_bias
-from service.conversation import Prepared, Sampling, TokenLogprob, TurnResult
+from service.conversation import Prepared, Sampling, TokenLogprob, TurnResult, sampling_extra
 from service.deps import ConvDep, RuntimeDep, UserDep
 from service.errors import APIError
 from service.routers.sessions import check_length, start_turn, stream_error
@@ -49,7 +48,7 @@ async def completions(body: CompletionRequest, user: UserDep, conv: ConvDep, rt:
     if len(prompts) * n > MAX_CHOICES:
         raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most {MAX_CHOICES}",
                        param="n", code="invalid_value")
-    extra = sampling_extra(rt, body.presence_penalty, body.frequency_penalty, body.logit_bias, body.logprobs)
+    extra = sampling_extra(rt.tokenizer.vocab_size, body.presence_penalty, body.frequency_penalty, body.logit_bias, body.logprobs)
     runs = []
     for ids in prompts:
         for j in range(n):
@@ -99,21 +98,6 @@ def seeded(seed: int | None, j: int) -> int | None:
     if seed is None:
         return None
     return (seed + j + 2**63) % 2**64 - 2**63
-
-
-def sampling_extra(rt: Any, presence: float | None, frequency: float | None, bias: dict[str, float] | None,
-                   logprobs: int | None) -> dict[str, Any]:
-    """The SamplingParams fields beyond the basic ones, checked against this model's vocabulary."""
-    extra: dict[str, Any] = {}
-    if presence:
-        extra["presence_penalty"] = presence
-    if frequency:
-        extra["frequency_penalty"] = frequency
-    if bias:
-        extra["logit_bias"] = logit_bias(bias, rt.tokenizer.vocab_size)  # 422 naming the bad key
-    if logprobs is not None:
-        extra["logprobs"] = logprobs
-    return extra
 
 
 async def start_raw(rt: Any, conv: Any, ids: list[int], sampling: Sampling, *, stream: bool, owner: str = "") -> Any:

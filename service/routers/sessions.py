@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from memory.types import Message, Session
 from service import sse
-from service.conversation import Prepared, Sampling, TurnResult
+from service.conversation import Prepared, Sampling, TurnResult, sampling_extra
 from service.deps import ConvDep, RuntimeDep, UserDep
 from service.errors import APIError, error_body
 from service.schemas import (
@@ -106,6 +106,7 @@ async def post_message(session_id: str, body: MessageCreate, user: UserDep, conv
     check_length(rt, body.content, "content")
     session = await run_in_threadpool(conv.get_session, session_id, user)
     sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop_list())
+    sampling.extra = sampling_extra(rt.tokenizer.vocab_size, body.presence_penalty, body.frequency_penalty, body.logit_bias, None)
 
     def prepare() -> Prepared:
         return conv.prepare(session, body.content, max_tokens=body.max_tokens)

@@ -359,3 +359,15 @@ def test_closed_schemas_get_additional_properties_false():
     out = closed(schema)
     assert out["additionalProperties"] is False and out["properties"]["a"]["additionalProperties"] is False
     assert out["properties"]["b"]["additionalProperties"] is True  # the client's choice stays
+
+
+def test_native_sessions_api_applies_penalties_and_bias(app):
+    [tid] = app.client.post("/tokenize", json={"content": " banana"}).json()["tokens"][-1:]
+    sid = app.client.post("/v1/sessions", json={}).json()["id"]
+    r = app.client.post(f"/v1/sessions/{sid}/messages", json={
+        "content": "hi", "max_tokens": 3, "temperature": 0, "logit_bias": {str(tid): 100}})
+    assert r.status_code == 200 and r.json()["message"]["content"] == " banana" * 3
+    r = app.client.post(f"/v1/sessions/{sid}/messages", json={"content": "hi", "frequency_penalty": 3})
+    assert r.status_code == 422
+    r = app.client.post(f"/v1/sessions/{sid}/messages", json={"content": "hi", "logit_bias": {"x": 1}})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "logit_bias"
