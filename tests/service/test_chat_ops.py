@@ -120,8 +120,22 @@ def test_regenerate_a_greeting_and_ownership(tmp_path, tiny_lm):
         r = c.post(f"/v1/sessions/greet-1/messages/{mid}/regenerate", json={"max_tokens": 3}, headers=alice)
         assert r.status_code == 200, r.text
         assert r.json()["message"]["metadata"]["swipes"][0] == "Welcome, traveller."
-        for method, path in (("POST", "regenerate"), ("GET", "swipes"), ("POST", "fork"), ("POST", "truncate")):
-            assert c.request(method, f"/v1/sessions/greet-1/messages/{mid}/{path}", headers=bob).status_code == 404
+        m = f"/v1/sessions/greet-1/messages/{mid}"
+        calls = [("POST", f"{m}/regenerate", {}), ("POST", f"{m}/continue", {}), ("GET", f"{m}/swipes", None),
+                 ("POST", f"{m}/swipes/0", None), ("POST", f"{m}/fork", {}), ("POST", f"{m}/truncate", None),
+                 ("PATCH", m, {"content": "x"}), ("DELETE", m, None), ("POST", "/v1/sessions/greet-1/greeting", None),
+                 ("PUT", "/v1/sessions/greet-1/authors_note", {"text": "x"}),
+                 ("DELETE", "/v1/sessions/greet-1/authors_note", None), ("GET", "/v1/sessions/greet-1/export", None),
+                 ("POST", "/v1/sessions/greet-1/import", {"messages": [{"role": "user", "content": "x"}]})]
+        for method, path, body in calls:  # bob: 404 everywhere, nothing changes
+            r = c.request(method, path, json=body, headers=bob)
+            assert r.status_code == 404, (method, path, r.status_code)
+        after = transcript_as(c, "greet-1", alice)
+        assert len(after) == 1 and after[0]["content"] == r_content(after)
+
+
+def r_content(after):
+    return after[0]["metadata"]["swipes"][after[0]["metadata"]["swipe_id"]]
 
 
 def transcript_as(c, sid, headers):
