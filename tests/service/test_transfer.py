@@ -207,3 +207,25 @@ def test_import_builds_a_running_summary(tmp_path, tiny_lm):
         assert state and state["count"] > 0  # older exchanges are in the summary now
         ctx = c.get("/v1/sessions/sum-1/context", params={"message": "hi"}).json()
         assert ctx["memory"].get("summary")
+
+
+def test_a_build_cut_by_a_restart_resumes(store_kind, tmp_path, tiny_lm):
+    """The app went away mid-build (state says building, 0 of 8 done): after a restart the next
+    GET reschedules the build and pending reaches 0; a build that failed is retried the same way."""
+    from tests.service.conftest import make_settings, start_app
+    from tests.store_fixtures import make_store_spec
+
+    with make_store_spec(store_kind, tmp_path) as spec:
+        settings = make_settings(tmp_path, store_url=spec.url)
+        for h in start_app(settings, tiny_lm, store=spec.open()):
+            assert h.client.post("/v1/sessions/cut-1/import", content=st_chat(4).encode()).status_code == 201
+            wait_built(h.client, "cut-1")
+            h.rt.store.put_state("cut-1", "import", {"start": 0, "imported": 8, "done": 0, "state": "building"})
+        for h in start_app(settings, tiny_lm, store=spec.open()):
+            assert wait_built(h.client, "cut-1") == {"pending": 0, "imported": 8, "done": 8, "state": "ready",
+                                                     "strategy": "window"}
+            h.rt.store.put_state("cut-1", "import", {"start": 0, "imported": 8, "done": 4, "state": "failed",
+                                                      "error": "VectorUnavailable: down"})
+            first = h.client.get("/v1/sessions/cut-1").json()["memory_status"]
+            assert first["pending"] == 4 and first["error"].startswith("VectorUnavailable")
+            assert wait_built(h.client, "cut-1")["state"] == "ready"
