@@ -210,6 +210,8 @@ def run_tracks(tracks: set[str], store_url: str | None = None, embeddings: str =
         blocks = bench_tracks.core_blocks_track(store, deps) if "blocks" in tracks else None
         if rows or blocks:
             bench_tracks.print_tracks(rows, blocks)
+        if "model-blocks" in tracks:  # the model's own block edits: ~10 s a turn on a CPU
+            print(bench_tracks.model_blocks_track(store, deps.counter))
         if "summaries" in tracks:  # real model summaries: minutes on a CPU, so not in the default set
             print()
             bench_tracks.print_summaries(bench_tracks.summary_track(store, deps.counter))
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m memory.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--tracks", default="table,current,paraphrase,blocks",
                         help="comma-separated: table (strategies x stores), current, paraphrase, blocks, "
-                        "summaries (summary_buffer with real model-written summaries; minutes on a CPU)")
+                        "summaries (summary_buffer with real model-written summaries; minutes on a CPU), "
+                        "model-blocks (the model's grammar-constrained block edits)")
     parser.add_argument("--strategies", default="", help="table only: comma-separated strategy names")
     args = parser.parse_args(argv)
     tracks = {t.strip() for t in args.tracks.split(",") if t.strip()}

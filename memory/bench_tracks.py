@@ -285,3 +285,30 @@ def print_summaries(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r.get("summary"):
             print(f"\n{r['summarizer']}, Korean chat, summary begins: {r['summary']!r}")
+
+
+def model_blocks_track(store: Any, counter: Any, turns: int = 12, model: str = "smollm2-135m-instruct") -> dict[str, Any]:
+    """The model's own block proposals (grammar-constrained JSON) over the first `turns` scripted turns,
+    the facts proposer off: how many parse (all, by construction), validate, and what they say."""
+    from memory.blocks import ModelBlockEditor
+    from memory.strategies.base import group_exchanges
+    from model import Engine, load_model
+
+    lm = load_model(model, device="cpu", dtype="float32", progress=False)
+    editor = ModelBlockEditor(Engine(lm), lm.tokenizer)
+    script = {i: text for i, (_, text) in enumerate(sorted(BLOCK_SCRIPT.items()))}  # every turn says a fact
+    session = store.create_session(f"track-{uuid.uuid4().hex[:8]}", "assistant", LONG_TERM)
+    core, t0 = CoreMemory(store, counter), time.perf_counter()
+    for t in range(turns):
+        store.append_message(session.id, "user", script.get(t, f"{FILLER['en'][t % 12]} ({t})"))
+        store.append_message(session.id, "assistant", f"{REPLY['en']} ({t})")
+        exchange = group_exchanges(store.list_messages(session.id))[-1]
+        proposed = editor(core.texts(session.id), exchange)
+        core.apply(session.id, proposed, message_id=exchange[0].id, source="model")
+    stats = core.stats(session.id)["by_source"].get("model", {})
+    result = {"turns": turns, "model": model, "stats": stats, "calls": editor.calls, "cut_by_max_tokens": editor.unparsed, "blocks": core.texts(session.id),
+              "seconds": time.perf_counter() - t0,
+              "within_limit": all(counter.count(b.value) <= b.limit_tokens for b in core.blocks(session.id).values()),
+              "rejections": core.stats(session.id)["recent_rejections"][-3:]}
+    store.delete_session(session.id)
+    return result

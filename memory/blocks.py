@@ -239,6 +239,8 @@ class ModelBlockEditor:
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
+        self.calls = 0
+        self.unparsed = 0  # outputs cut by max_tokens before the JSON closed (never malformed otherwise)
 
     def prompt(self, blocks: dict[str, str], exchange: list[Message]) -> list[dict[str, str]]:
         shown = "\n".join(f"[{label}]\n{blocks.get(label) or '(empty)'}" for label in DEFAULT_BLOCKS)
@@ -254,9 +256,11 @@ class ModelBlockEditor:
         ids = self.tokenizer.apply_chat_template(self.prompt(blocks, exchange), add_generation_prompt=True)
         params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0)
         text = self.engine.complete(ids, params, session_id=None, logits_processors=[constraint]).text
+        self.calls += 1
         try:
             value = constraint.parse(text)
         except ValueError:  # cut by max_tokens before the JSON closed: propose nothing
+            self.unparsed += 1
             return []
         edits = value.get("edits", []) if isinstance(value, dict) else []
         return [e for e in edits if isinstance(e, dict)]

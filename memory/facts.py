@@ -236,9 +236,11 @@ def _newest_from(facts: list[Fact], subject: str) -> str:
     return max(f.valid_from for f in facts if f.subject == subject)
 
 
-def render(facts: list[Fact], query_terms: set[str] | None, max_facts: int) -> str | None:
+def render(facts: list[Fact], query_terms: set[str] | None, max_facts: int,
+           pinned: set[str] | frozenset[str] = frozenset()) -> str | None:
     """The facts section of the memory block: current facts (relevant first), then the past ones of
-    the same subjects, labelled as no longer true."""
+    the same subjects, labelled as no longer true. Current facts already `pinned` (a core-block line)
+    are not repeated; their past versions still are, so the model sees what changed."""
     from memory.hybrid import terms
 
     current = [f for f in facts if f.current]
@@ -249,7 +251,10 @@ def render(facts: list[Fact], query_terms: set[str] | None, max_facts: int) -> s
     shown = current[:max_facts]
     subjects = {f.subject for f in shown}
     past = [f for f in facts if not f.current and f.subject in subjects][: max_facts]
-    lines = ["[Memory: what the user said that is true now, most relevant first]"]
+    shown = [f for f in shown if f.text not in pinned]
+    if not shown and not past:
+        return None
+    lines = ["[Memory: what the user said that is true now, most relevant first]"] if shown else []
     lines += [f"- {f.text} (since {f.valid_from[:10]})" for f in shown]
     if past:
         lines.append("[Memory: no longer true (superseded by the lines above); the user used to say]")

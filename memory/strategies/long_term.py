@@ -54,10 +54,10 @@ class LongTermStrategy:
         history = history_before(messages, new_message)
         recent = last_exchanges(history, self.turns)
         facts = self.facts.list_facts(session.owner, session.id if self.scope == "session" else None)
+        blocks = self.core.texts(session.id)
+        pinned = {line for text in blocks.values() for line in text.splitlines()}  # not shown twice
         view = MemoryView(
-            recent=recent,
-            blocks=self.core.texts(session.id),
-            facts=render(facts, set(terms(new_message)), self.max_facts),
+            recent=recent, blocks=blocks, facts=render(facts, set(terms(new_message)), self.max_facts, pinned)
         )
         dense_view = self.dense.view(session, messages, new_message) if self.weights.get("dense", 0) > 0 else None
         dense = dense_view.retrieved if dense_view is not None else []
