@@ -62,6 +62,24 @@ class ForkCreate(BaseModel):
     metadata: dict[str, Any] | None = None
 
 
+def _busy(session_id: str) -> APIError:
+    return APIError(409, f"session {session_id!r} is answering a message; retry when it is done",
+                    param="session_id", code="session_busy", headers={"Retry-After": "1"})
+
+
+def exclusive(conv: Any, session_id: str, user: str, change: Any) -> Any:
+    """`change(ops, session)` while no turn runs on the session: an edit, delete or truncate in the
+    middle of a generation would land under the reply being written (blocking: run in a thread)."""
+    session = conv.get_session(session_id, user)
+    release = conv.rt.in_flight.claim(session.id)
+    if release is None:
+        raise _busy(session_id)
+    try:
+        return change(ChatOps(conv), session)
+    finally:
+        release()
+
+
 async def _again(session_id: str, message_id: str, body: GenerateAgain | None, user: str, conv: Any, rt: Any,
                  cont: bool) -> TurnOut:
     body = body or GenerateAgain()
@@ -69,8 +87,7 @@ async def _again(session_id: str, message_id: str, body: GenerateAgain | None, u
     session = await run_in_threadpool(conv.get_session, session_id, user)
     release = rt.in_flight.claim(session.id)
     if release is None:
-        raise APIError(409, f"session {session_id!r} is already answering a message; retry when it is done",
-                       param="session_id", code="session_busy", headers={"Retry-After": "1"})
+        raise _busy(session_id)
     try:
         prep = await run_in_threadpool(ops.prepare_again, session, message_id, body.max_tokens, cont=cont)
         make = ops.continue_job if cont else ops.regenerate_job
@@ -106,10 +123,10 @@ async def list_swipes(session_id: str, message_id: str, user: UserDep, conv: Con
 
 @router.post(M + "/swipes/{index}", response_model=MessageOut)
 async def choose_swipe(session_id: str, message_id: str, index: int, user: UserDep, conv: ConvDep) -> MessageOut:
-    def choose() -> Any:
-        return ChatOps(conv).choose(conv.get_session(session_id, user), message_id, index)
+    def choose(ops: ChatOps, session: Any) -> Any:
+        return ops.choose(session, message_id, index)
 
-    return message_out(await run_in_threadpool(choose))
+    return message_out(await run_in_threadpool(exclusive, conv, session_id, user, choose))
 
 
 @router.patch(M, response_model=MessageOut)
@@ -117,27 +134,27 @@ async def edit_message(session_id: str, message_id: str, body: MessageEdit, user
                        rt: RuntimeDep) -> MessageOut:
     check_length(rt, body.content, "content")
 
-    def edit() -> Any:
-        return ChatOps(conv).edit(conv.get_session(session_id, user), message_id, body.content)
+    def edit(ops: ChatOps, session: Any) -> Any:
+        return ops.edit(session, message_id, body.content)
 
-    return message_out(await run_in_threadpool(edit))
+    return message_out(await run_in_threadpool(exclusive, conv, session_id, user, edit))
 
 
 @router.delete(M, status_code=204)
 async def delete_message(session_id: str, message_id: str, user: UserDep, conv: ConvDep) -> Response:
-    def delete() -> None:
-        ChatOps(conv).delete(conv.get_session(session_id, user), message_id)
+    def delete(ops: ChatOps, session: Any) -> None:
+        ops.delete(session, message_id)
 
-    await run_in_threadpool(delete)
+    await run_in_threadpool(exclusive, conv, session_id, user, delete)
     return Response(status_code=204)
 
 
 @router.post(M + "/truncate")
 async def truncate_after(session_id: str, message_id: str, user: UserDep, conv: ConvDep) -> dict[str, Any]:
-    def truncate() -> int:
-        return ChatOps(conv).truncate(conv.get_session(session_id, user), message_id)
+    def truncate(ops: ChatOps, session: Any) -> int:
+        return ops.truncate(session, message_id)
 
-    return {"deleted": await run_in_threadpool(truncate), "last_message_id": message_id}
+    return {"deleted": await run_in_threadpool(exclusive, conv, session_id, user, truncate), "last_message_id": message_id}
 
 
 @router.post(M + "/fork", status_code=201, response_model=SessionOut)
@@ -153,10 +170,10 @@ async def fork_session(session_id: str, message_id: str, user: UserDep, conv: Co
 async def greet(session_id: str, user: UserDep, conv: ConvDep) -> MessageOut:
     """Store the persona's greeting as the first message; its alternate greetings are swipes of it."""
 
-    def store() -> Any:
-        return ChatOps(conv).greet(conv.get_session(session_id, user))
+    def store(ops: ChatOps, session: Any) -> Any:
+        return ops.greet(session)
 
-    return message_out(await run_in_threadpool(store))
+    return message_out(await run_in_threadpool(exclusive, conv, session_id, user, store))
 
 
 @router.put("/authors_note", response_model=SessionOut)

@@ -199,3 +199,21 @@ def test_hand_written_swipe_metadata_never_breaks_an_operation(app):
     assert r.status_code == 200, r.text
     assert r.json()["message"]["metadata"]["swipes"][0] == "edited"
     assert c.post(f"{base}/continue", json={"max_tokens": 2}).status_code == 200
+
+
+def test_changes_wait_for_a_running_turn(app):
+    """While a turn runs on the session, edits, deletes, truncates, swipes and regenerations get 409."""
+    c = app.client
+    sid = c.post("/v1/sessions", json={}).json()["id"]
+    reply = turn(c, sid, "hello")["message"]
+    m = f"/v1/sessions/{sid}/messages/{reply['id']}"
+    release = app.rt.in_flight.claim(sid)  # what a running turn holds
+    try:
+        for method, path, body in (("PATCH", m, {"content": "x"}), ("DELETE", m, None), ("POST", f"{m}/truncate", None),
+                                   ("POST", f"{m}/swipes/0", None), ("POST", f"{m}/regenerate", {}),
+                                   ("POST", f"{m}/continue", {})):
+            r = c.request(method, path, json=body)
+            assert r.status_code == 409 and r.json()["error"]["code"] == "session_busy", (method, path)
+    finally:
+        release()
+    assert c.patch(m, json={"content": "x"}).status_code == 200
