@@ -20,13 +20,14 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from service import sse
 from service.chat_ops import ChatOps
 from service.conversation import Sampling
 from service.deps import ConvDep, RuntimeDep, UserDep
 from service.errors import APIError
-from service.routers.sessions import check_length, message_out, session_out, turn_out
+from service.routers.sessions import check_length, message_out, native_stream, session_out, turn_out
 from service.schemas import MessageOut, SessionOut, TurnOut
-from service.worker import run_job
+from service.worker import open_stream, run_job
 
 router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["chat operations"])
 M = "/messages/{message_id}"
@@ -39,6 +40,7 @@ class GenerateAgain(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: list[str] | None = Field(None, max_length=4)
+    stream: bool = False  # SSE: {"delta"} events (for continue: the new text only), then {"message", "usage"}
 
     def sampling(self) -> Sampling:
         return Sampling(self.max_tokens, self.temperature, self.top_p, self.seed, [s for s in self.stop or [] if s])
@@ -81,7 +83,7 @@ def exclusive(conv: Any, session_id: str, user: str, change: Any) -> Any:
 
 
 async def _again(session_id: str, message_id: str, body: GenerateAgain | None, user: str, conv: Any, rt: Any,
-                 cont: bool) -> TurnOut:
+                 cont: bool) -> Any:
     body = body or GenerateAgain()
     ops = ChatOps(conv)
     session = await run_in_threadpool(conv.get_session, session_id, user)
@@ -92,7 +94,12 @@ async def _again(session_id: str, message_id: str, body: GenerateAgain | None, u
         prep = await run_in_threadpool(ops.prepare_again, session, message_id, body.max_tokens, cont=cont)
         make = ops.continue_job if cont else ops.regenerate_job
         job = make(session, message_id, prep, body.sampling())
-        result = await run_job(rt.worker, job, timeout=rt.settings.request_timeout, on_done=release, owner=user)
+        timeout = rt.settings.request_timeout
+        if body.stream:  # the owner is the unit of fair admission and of KV-cache scoping
+            items = open_stream(rt.worker, job, keepalive=rt.settings.keepalive_seconds, timeout=timeout,
+                                on_done=release, owner=user)
+            return sse.response(native_stream(items))
+        result = await run_job(rt.worker, job, timeout=timeout, on_done=release, owner=user)
     except BaseException:
         release()
         raise
@@ -101,14 +108,14 @@ async def _again(session_id: str, message_id: str, body: GenerateAgain | None, u
 
 @router.post(M + "/regenerate", response_model=TurnOut)
 async def regenerate(session_id: str, message_id: str, user: UserDep, conv: ConvDep, rt: RuntimeDep,
-                     body: GenerateAgain | None = None) -> TurnOut:
+                     body: GenerateAgain | None = None) -> Any:
     """A new reply to the same turn; the previous ones stay as swipes (`metadata.swipes`)."""
     return await _again(session_id, message_id, body, user, conv, rt, cont=False)
 
 
 @router.post(M + "/continue", response_model=TurnOut)
 async def continue_reply(session_id: str, message_id: str, user: UserDep, conv: ConvDep, rt: RuntimeDep,
-                         body: GenerateAgain | None = None) -> TurnOut:
+                         body: GenerateAgain | None = None) -> Any:
     """Extend the last reply where it stopped (its earlier text stays in `metadata.history`)."""
     return await _again(session_id, message_id, body, user, conv, rt, cont=True)
 

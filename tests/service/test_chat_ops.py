@@ -217,3 +217,26 @@ def test_changes_wait_for_a_running_turn(app):
     finally:
         release()
     assert c.patch(m, json={"content": "x"}).status_code == 200
+
+
+def test_regenerate_and_continue_stream(app):
+    from tests.service.conftest import read_sse
+
+    c = app.client
+    sid = c.post("/v1/sessions", json={}).json()["id"]
+    reply = turn(c, sid, "stream it")["message"]
+    m = f"/v1/sessions/{sid}/messages/{reply['id']}"
+    with c.stream("POST", f"{m}/regenerate", json={"stream": True, "max_tokens": 4, "seed": 5}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events, _ = read_sse(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    final = events[-2]
+    assert "".join(e["delta"] for e in events if isinstance(e, dict) and "delta" in e) == final["message"]["content"]
+    assert final["message"]["metadata"]["swipe_id"] == 1
+    before = final["message"]["content"]
+    with c.stream("POST", f"{m}/continue", json={"stream": True, "max_tokens": 3}) as r:
+        events, _ = read_sse(r.iter_lines())
+    final = events[-2]
+    deltas = "".join(e["delta"] for e in events if isinstance(e, dict) and "delta" in e)
+    assert final["message"]["content"] == before + deltas  # the deltas are the new text only
+    assert transcript(c, sid)[-1]["content"] == final["message"]["content"]
