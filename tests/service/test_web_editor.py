@@ -27,8 +27,8 @@ greeting: 아빠 왔어요?
 """
 
 
-def set_raw(browser, text):
-    browser.execute_script(
+def set_raw(driver, text):
+    driver.execute_script(
         "const r = document.getElementById('ed-raw'); r.value = arguments[0];"
         "r.dispatchEvent(new Event('input'));", text)
 
