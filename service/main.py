@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import install_error_handlers
+from service.limits import BodyLimit, HostCheck, PageHeaders, allowed_hosts, json_route_matcher
 from service.routers import (
     chat,
     chat_ops,
@@ -64,6 +65,10 @@ def create_app(settings: Settings | None = None, *, lm: Any = None, engine: Any 
     for module in modules:
         app.include_router(module.router)
     app.middleware("http")(count_requests)
+    # refusals before parsing (service/limits.py); the last added runs first
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes, json_route=json_route_matcher(app))
+    app.add_middleware(HostCheck, allowed=allowed_hosts(settings.allowed_hosts))
+    app.add_middleware(PageHeaders)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     memory: Annotated[dict[str, Any], NoDecode] = Field(default_factory=lambda: {"strategy": "summary_buffer"})
     persona: str = "assistant"
     persona_dir: Path | None = None
-    api_keys: Annotated[SecretStr | None, NoDecode] = None  # "key1:alice,key2:bob"; SecretStr keeps it out of logs
+    api_keys: Annotated[SecretStr | None, NoDecode] = None  # "key1:alice,key2:bob:admin"; SecretStr keeps it out of logs
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host header values accepted beyond the loopback names (comma-separated)")
 
     # --- extras (ours) ---
     host: str = "127.0.0.1"
@@ -50,6 +52,7 @@ class Settings(BaseSettings):
     owner_running: int | None = Field(None, ge=1, description="per user: requests running at once; None: half of max_running")
     owner_waiting: int | None = Field(None, ge=1, description="per user: requests waiting; None: queue_size")
     max_message_chars: int = Field(32_000, ge=1, description="longer user messages get 413")
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="request bodies over this get 413 before they are read")
     kv_budget: int | None = Field(None, ge=0, description="bytes of KV cache kept across turns; None: engine default")
     request_timeout: float = Field(300.0, gt=0, description="seconds a request may wait for and use the model")
     reserve_for_reply: int = Field(512, ge=16, description="context tokens kept free for the reply")
@@ -61,6 +64,11 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_memory(cls, value: Any) -> Any:
         return parse_memory(value, source="MEMENTO_MEMORY")
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        return [h.strip() for h in value.split(",") if h.strip()] if isinstance(value, str) else value
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -80,6 +88,11 @@ class Settings(BaseSettings):
     def key_owners(self) -> dict[str, str]:
         """API key -> user name; empty when auth is off."""
         return parse_api_keys(self.api_keys.get_secret_value()) if self.api_keys else {}
+
+    @property
+    def admins(self) -> set[str]:
+        """Users whose key entry ends in `:admin` (they manage shared personas)."""
+        return parse_admins(self.api_keys.get_secret_value()) if self.api_keys else set()
 
     @property
     def auth_enabled(self) -> bool:
@@ -124,16 +137,27 @@ def parse_memory(value: Any, source: str = "memory") -> dict[str, Any]:
 
 
 def parse_api_keys(text: str) -> dict[str, str]:
-    """`key1:alice,key2:bob` -> {"key1": "alice", "key2": "bob"}. Error messages never echo keys."""
-    owners: dict[str, str] = {}
+    """`key1:alice,key2:bob:admin` -> {"key1": "alice", "key2": "bob"}. Error messages never echo keys."""
+    return {key: user for key, user, _ in _key_entries(text)}
+
+
+def parse_admins(text: str) -> set[str]:
+    return {user for _, user, admin in _key_entries(text) if admin}
+
+
+def _key_entries(text: str) -> list[tuple[str, str, bool]]:
+    """(key, user, admin) per `KEY:USER` or `KEY:USER:admin` entry."""
+    entries = []
     for i, item in enumerate(p.strip() for p in text.split(",")):
         if not item:
             continue
-        key, sep, user = item.rpartition(":")
+        admin = item.endswith(":admin") and item.count(":") >= 2
+        key, sep, user = item.removesuffix(":admin").rpartition(":") if admin else item.rpartition(":")
         if not sep or not key.strip() or not user.strip():
-            raise ValueError(f"MEMENTO_API_KEYS entry #{i + 1} is not KEY:USER (format: key1:alice,key2:bob)")
-        owners[key.strip()] = user.strip()
-    return owners
+            raise ValueError(
+                f"MEMENTO_API_KEYS entry #{i + 1} is not KEY:USER or KEY:USER:admin (format: key1:alice,key2:bob:admin)")
+        entries.append((key.strip(), user.strip(), admin))
+    return entries
 
 
 class ConfigFileSource(PydanticBaseSettingsSource):

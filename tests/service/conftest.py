@@ -94,6 +94,7 @@ def make_settings(tmp_path: Path, store_url: str = "", **overrides):
         "max_tokens": 8,
         "reserve_for_reply": 64,
         "keepalive_seconds": 5.0,
+        "allowed_hosts": ["testserver"],  # TestClient's Host; loopback names are always accepted
         "summary_max_tokens": 16,
         **overrides,
     }
