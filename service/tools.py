@@ -23,7 +23,8 @@ in its content, and a `tool` message becomes a user turn `<tool_response>...</to
 The grammar (Lark for llguidance, one `%json` schema per call) makes the calls parse whatever the
 model's size: `required` / a named function allow only calls; `auto` allows calls or text, and the
 reply's first character decides (`<` starts calls, so an `auto` text reply cannot begin with `<`);
-`parallel_tool_calls: false` allows exactly one call, otherwise up to MAX_PARALLEL_CALLS.
+one call unless `parallel_tool_calls: true` (then up to MAX_PARALLEL_CALLS): OpenAI's default is
+true, but a small model given room for more calls repeats the first one until max_tokens.
 
 `auto` decides on the first token (`AutoDecision`): the reply is calls when the model puts at
 least AUTO_CALL_MIN_P of its next-token probability on tokens starting with `<`, else text. Small
@@ -89,7 +90,7 @@ class ToolPlan:
         if len(set(names)) != len(names):
             raise APIError(400, f"tool names must be unique, got {names}", param="tools", code="invalid_value")
         mode, allowed = choice_mode(tool_choice, names)
-        parallel = True if parallel is None else parallel
+        parallel = bool(parallel)  # unset: one call (see the module docstring)
         factory = None
         if mode != "none":
             schemas = [parameters_of(d, i) for i, d in enumerate(defs) if d["function"]["name"] in allowed]

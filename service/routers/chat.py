@@ -52,6 +52,7 @@ from service.worker import KEEPALIVE
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
+CONSTRAINED_REPETITION_PENALTY = 1.1  # HF semantics; see constrained_defaults
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ROLE_MAP = {"developer": "system", "tool": "user"}  # roles chat templates know
 
@@ -178,6 +179,7 @@ def output_plan(body: ChatCompletionRequest, tok: Any, sampling: Sampling) -> To
     if plan is not None and plan.factory is not None:
         sampling.processors = lambda: plan.processors(tok)
         sampling.tool_parser = parse_calls  # on the worker: memory mode stores the calls with the reply
+        constrained_defaults(body, sampling)
         return plan
     grammar = response_format_grammar(body.response_format)
     if grammar is not None:
@@ -185,7 +187,16 @@ def output_plan(body: ChatCompletionRequest, tok: Any, sampling: Sampling) -> To
         check_grammar(grammar, tok, param=param)
         factory = ConstraintFactory(tok, grammar)
         sampling.processors = lambda: [factory()]
+        constrained_defaults(body, sampling)
     return plan
+
+
+def constrained_defaults(body: ChatCompletionRequest, sampling: Sampling) -> None:
+    """Under a grammar a small model, greedy, loops inside a JSON string until max_tokens ("the cat
+    was a cat, and the cat was a cat, ..."); a mild repetition penalty lets it close the string.
+    Only when the client set no penalty of its own."""
+    if not (body.presence_penalty or body.frequency_penalty):
+        sampling.extra.setdefault("repetition_penalty", CONSTRAINED_REPETITION_PENALTY)
 
 
 def with_tools(conv: Conversations, prep: Prepared, plan: ToolPlan | None, limit: int | None) -> Prepared:

@@ -371,3 +371,10 @@ def test_native_sessions_api_applies_penalties_and_bias(app):
     assert r.status_code == 422
     r = app.client.post(f"/v1/sessions/{sid}/messages", json={"content": "hi", "logit_bias": {"x": 1}})
     assert r.status_code == 422 and r.json()["error"]["param"] == "logit_bias"
+
+
+def test_one_call_unless_parallel_is_asked(oai):
+    for seed in range(3):
+        r = oai.chat.completions.create(model="m", messages=HI, max_tokens=80, seed=seed, tools=[WEATHER],
+                                        tool_choice="required")
+        assert len(r.choices[0].message.tool_calls) == 1
