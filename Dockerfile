@@ -39,4 +39,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=5 \
     CMD curl -fsS http://127.0.0.1:8000/readyz || exit 1
 
+# MEMENTO_HOST is 0.0.0.0, so `memento serve` refuses to start unless MEMENTO_API_KEYS is set:
+#   docker run -e MEMENTO_API_KEYS=k1:alice:admin -p 127.0.0.1:8000:8000 memento
 CMD ["memento", "serve"]

@@ -1,6 +1,6 @@
 """`memento`: serve, chat, generate, bench, memory and persona tools (typer + rich).
 
-    memento serve [--host] [--port] [--config FILE]
+    memento serve [--host] [--port] [--config FILE] [--insecure-no-auth]
     memento chat [--url URL] [--session ID] [--persona NAME] [--memory JSON]
     memento generate --prompt TEXT [--raw] [--max-tokens N] [--temperature T] [--seed S] [--model SPEC]
     memento bench [--model SPEC] [--json]      memento bench memory
@@ -61,6 +61,8 @@ def serve(
     host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
     config: ConfigOpt = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="bind a non-loopback address without MEMENTO_API_KEYS (anyone reaching it is user 'local')")] = False,
 ) -> None:
     """Serve the HTTP API and the web chat page."""
     import uvicorn
@@ -70,21 +72,35 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = settings_or_exit(config, host=host, port=port)
+    if not settings.auth_enabled and not is_loopback(settings.host) and not insecure_no_auth:
+        raise fail(f"refusing to bind {settings.host} without API keys: set MEMENTO_API_KEYS=key:user,... "
+                   "(or pass --insecure-no-auth to serve every caller as user 'local')")
     describe_auth(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
 def describe_auth(settings: Any) -> None:
     """Say who can reach the server (never prints keys)."""
-    loopback = settings.host in ("127.0.0.1", "localhost", "::1")
+    loopback = is_loopback(settings.host)
     if settings.auth_enabled:
         log.info("API keys on: %d key(s) for users %s", len(settings.key_owners), sorted(set(settings.key_owners.values())))
     elif loopback:
         log.info("no MEMENTO_API_KEYS: every caller is user 'local'; binding %s only", settings.host)
     else:
         log.warning(
-            "no MEMENTO_API_KEYS and binding %s: anyone who can reach this port can read every session; "
-            "set MEMENTO_API_KEYS=key:user,... before exposing it",
+            "--insecure-no-auth: no MEMENTO_API_KEYS and binding %s: anyone who can reach this port can read "
+            "every session; set MEMENTO_API_KEYS=key:user,... before exposing it",
             settings.host,
         )
 

@@ -102,3 +102,18 @@ def test_serve_rejects_bad_settings(monkeypatch):
     monkeypatch.setenv("MEMENTO_MEMORY", "forgetful")
     r = runner.invoke(app, ["serve"])
     assert r.exit_code == 2 and "MEMENTO_MEMORY" in r.output
+
+
+def test_serve_refuses_a_public_bind_without_keys(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMENTO_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("MEMENTO_API_KEYS", raising=False)
+    r = runner.invoke(app, ["serve", "--host", "0.0.0.0"])
+    assert r.exit_code == 2
+    assert "MEMENTO_API_KEYS" in r.output and "--insecure-no-auth" in r.output
+
+
+def test_loopback_names():
+    from service.cli import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "myhost"))

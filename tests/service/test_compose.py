@@ -47,3 +47,12 @@ def test_dockerfile_cpu_default_cuda_arg():
     text = (ROOT / "Dockerfile").read_text()
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
     assert "HEALTHCHECK" in text and "memento" in text
+
+
+def test_api_keys_are_required():
+    """Compose's `${VAR:?message}` fails `docker compose up` when the keys are unset; the image
+    binds 0.0.0.0, which `memento serve` refuses without keys (tests/service/test_cli.py)."""
+    env = compose()["services"]["api"]["environment"]
+    assert env["MEMENTO_API_KEYS"].startswith("${MEMENTO_API_KEYS:?")
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "MEMENTO_HOST=0.0.0.0" in dockerfile and "--insecure-no-auth" not in dockerfile
