@@ -88,6 +88,8 @@ async function loadSessions() {
 async function newSession() {
   try {
     const s = await api("POST", "/v1/sessions", { persona: $("persona-select").value || undefined, memory: memoryConfig() });
+    // the persona's greeting opens the chat; its alternate greetings are swipes (422: it has none)
+    await api("POST", `/v1/sessions/${s.id}/greeting`).catch(() => null);
     await openSession(s.id);
   } catch (e) { status(e.message); }
 }

@@ -98,3 +98,29 @@ def test_chat_operations_in_the_page(browser, live_server):  # noqa: F811
     wait_for_reload(wait, browser, stamp)
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg")) == 1)
     assert [m["role"] for m in httpx.get(f"{url}/v1/sessions/{fork_id}/messages").json()["data"]] == ["user"]
+
+
+def test_new_session_opens_with_the_greeting_and_its_alternates(browser, live_server):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url = live_server.url
+    persona = ("---\nname: greeter\ndisplay_name: Mina\ndescription: Mina runs an inn.\ngreeting: Welcome!\n"
+               "alternate_greetings:\n  - Back again?\n---\n")
+    assert httpx.put(f"{url}/v1/personas/greeter", content=persona.encode()).status_code == 200
+    wait = WebDriverWait(browser, 60)
+    browser.get(url + "/")
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    Select(browser.find_element(By.ID, "persona-select")).select_by_value("greeter")
+    browser.find_element(By.ID, "new-session").click()
+    wait.until(lambda d: "greeter" in d.find_element(By.ID, "session-title").text)
+
+    def shown(d, selector):
+        try:  # the transcript is re-rendered after each change: look the element up afresh
+            return d.find_element(By.CSS_SELECTOR, selector).text
+        except Exception:
+            return None
+
+    wait.until(lambda d: shown(d, ".msg.assistant") == "Welcome!" and shown(d, ".swipe-count") == "1/2")
+    browser.execute_script("document.querySelector('.actions.assistant .swipe-next').click()")
+    wait.until(lambda d: shown(d, ".msg.assistant") == "Back again?" and shown(d, ".swipe-count") == "2/2")
