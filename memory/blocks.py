@@ -34,7 +34,7 @@ MAX_BLOCK_TOKENS = 2048
 MAX_BLOCKS = 8
 HISTORY_LIMIT = 500  # newest edits kept per session (the transcript stays the source of truth)
 LABEL = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")  # and lone surrogates: not text
 EDIT_SCHEMA: dict[str, Any] = {  # what the model may write (the grammar); validation checks the rest
     "type": "object",
     "properties": {
@@ -128,7 +128,10 @@ class CoreMemory:
         limit = limit_tokens or (old["limit_tokens"] if old else DEFAULT_BLOCKS.get(label, 256))
         if not 1 <= limit <= MAX_BLOCK_TOKENS:
             raise BlockError(f"limit_tokens must be between 1 and {MAX_BLOCK_TOKENS} (got {limit})", "limit_tokens")
-        self._check_text(value, allow_empty=True)
+        try:
+            self._check_text(value, allow_empty=True)
+        except BlockError as e:
+            raise BlockError(str(e), "value") from e
         tokens = self.counter.count(value) if value else 0
         if tokens > limit:
             raise BlockError(
@@ -196,7 +199,7 @@ class CoreMemory:
         if not isinstance(text, str) or (not text.strip() and not allow_empty):
             raise BlockError("text must be a non-empty string", "text")
         if _CONTROL.search(text):
-            raise BlockError("text must not contain control characters", "text")
+            raise BlockError("text must not contain control characters or lone surrogates", "text")
         return text
 
     @staticmethod

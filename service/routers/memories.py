@@ -12,11 +12,12 @@ Same auth and ownership rules as sessions: another user's session or fact is a 4
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from memory.blocks import MAX_BLOCK_TOKENS, BlockError, CoreMemory
@@ -25,6 +26,7 @@ from service.deps import ConvDep, UserDep
 from service.errors import APIError, not_found
 
 router = APIRouter(tags=["memory"])
+_NOT_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
 
 
 class BlockPut(BaseModel):
@@ -36,6 +38,13 @@ class BlockPut(BaseModel):
 class FactCorrection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(min_length=1, max_length=2000, description="the corrected fact, in the user's words")
+
+    @field_validator("text")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.strip() or _NOT_TEXT.search(value):
+            raise ValueError("must be non-empty text without control characters or lone surrogates")
+        return value.strip()
 
 
 def _core(conv: Any) -> CoreMemory:

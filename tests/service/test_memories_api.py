@@ -100,6 +100,11 @@ def test_put_block_limits_and_errors(app, lt_session):
     r = c.put(f"/v1/sessions/{lt_session}/memory/blocks/user", json={"value": "x", "limit_tokens": 10**6})
     assert r.status_code == 422 and r.json()["error"]["param"] == "limit_tokens"
     assert c.get(f"/v1/sessions/{lt_session}/memory/blocks/nope").status_code == 404
+    raw = b'{"value": "bad \\ud800 text"}'  # a lone surrogate: JSON-legal, not text the tokenizer takes
+    r = c.put(f"/v1/sessions/{lt_session}/memory/blocks/user", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "value"
+    r = c.patch("/v1/memories/fact_x", content=b'{"text": "\\udc00"}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "text"
     r = c.put(f"/v1/sessions/{lt_session}/memory/blocks/hobbies", json={"value": "chess"})
     assert r.status_code == 200
     labels = [b["label"] for b in c.get(f"/v1/sessions/{lt_session}/memory/blocks").json()["data"]]
