@@ -304,7 +304,7 @@ def model_blocks_track(store: Any, counter: Any, turns: int = 12, model: str = "
         store.append_message(session.id, "assistant", f"{REPLY['en']} ({t})")
         exchange = group_exchanges(store.list_messages(session.id))[-1]
         proposed = editor(core.texts(session.id), exchange)
-        core.apply(session.id, proposed, message_id=exchange[0].id, source="model")
+        core.apply(session.id, proposed, message_id=exchange[0].id, source="model", evidence=exchange[0].content)
     stats = core.stats(session.id)["by_source"].get("model", {})
     result = {"turns": turns, "model": model, "stats": stats, "calls": editor.calls, "cut_by_max_tokens": editor.unparsed, "blocks": core.texts(session.id),
               "seconds": time.perf_counter() - t0,

@@ -9,7 +9,8 @@
 An edit is `{"label", "op": "append" | "replace", "text", "old"?}`: `append` adds a line, `replace`
 swaps an existing line `old` for `text`. It is applied only if it validates: a known label,
 non-empty text without control characters, a `replace` whose `old` line exists, no duplicate line,
-and the block still within its limit in the model's tokens. Edits come from two proposers, both
+and the block still within its limit in the model's tokens; a model's edit must also be grounded
+in the exchange (60% of its content terms said there). Edits come from two proposers, both
 run after the reply (off its path): the facts just extracted (a changed fact replaces its old line)
 and the model itself, which writes the edit list as grammar-constrained JSON (`memory.grammar`),
 so its output always parses; whether it makes sense is what validation decides.
@@ -144,14 +145,19 @@ class CoreMemory:
 
     def apply(
         self, session_id: str, edits: list[dict[str, Any]], *, message_id: str | None, source: str,
-        watermark: tuple[int, str] | None = None,
+        watermark: tuple[int, str] | None = None, evidence: str | None = None,
     ) -> tuple[list[dict[str, Any]], list[str]]:
-        """Apply each edit that validates (in order); returns (applied edits, reasons for rejections)."""
+        """Apply each edit that validates (in order); returns (applied edits, reasons for rejections).
+
+        With `evidence` (what was said), an edit must also be grounded in it: most of its content
+        terms must occur there, so a model cannot write into a block what nobody said."""
         state = self._state(session_id)
         applied, rejected = [], []
         for edit in edits:
             try:
                 label, new = self._validated(state["blocks"], edit)
+                if evidence is not None:
+                    _check_grounded(str(edit.get("text", "")), evidence)
             except BlockError as e:
                 rejected.append(f"{edit!r}: {e}")
                 continue
@@ -210,6 +216,19 @@ class CoreMemory:
             "message_id": message_id, "source": source, "at": _now(),
         })
         del state["history"][:-HISTORY_LIMIT]
+
+
+GROUNDED_SHARE = 0.6  # of an edit's content terms that must occur in what was said
+
+
+def _check_grounded(text: str, evidence: str) -> None:
+    from memory.hybrid import terms
+
+    said = set(terms(evidence))
+    wanted = set(terms(text))
+    if not wanted or len(wanted & said) < GROUNDED_SHARE * len(wanted):
+        missing = sorted(wanted - said)[:5]
+        raise BlockError(f"not grounded in the exchange (never said: {', '.join(missing) or 'anything'})", "text")
 
 
 def fact_edits(blocks: dict[str, str], added: list[Any], all_facts: list[Any]) -> list[dict[str, Any]]:

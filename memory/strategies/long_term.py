@@ -92,7 +92,9 @@ class LongTermStrategy:
             return
         proposed = editor(self.core.texts(session.id), groups[-1])
         user_msg = groups[-1][0].id
-        self.core.apply(session.id, proposed, message_id=user_msg, source="model", watermark=(len(messages), last_id))
+        said = "\n".join(m.content for m in groups[-1] if m.role == "user")  # the user's words, not the reply's
+        self.core.apply(session.id, proposed, message_id=user_msg, source="model", watermark=(len(messages), last_id),
+                        evidence=said)
 
     def rebuild(self, session: Session, messages: list[Message] | None = None) -> None:
         """Facts from the transcript again (user corrections are kept); vectors re-indexed."""

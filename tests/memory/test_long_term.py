@@ -209,8 +209,9 @@ def test_model_proposed_edits_are_applied_only_when_valid_and_once_per_exchange(
 
     def editor(blocks, exchange):
         calls.append(exchange[0].content)
-        return [{"label": "relationship", "op": "append", "text": f"Talked about: {exchange[0].content[:20]}"},
-                {"label": "ghost", "op": "append", "text": "rejected"}]
+        return [{"label": "relationship", "op": "append", "text": f"We talked: {exchange[0].content}"},
+                {"label": "ghost", "op": "append", "text": "rejected"},
+                {"label": "user", "op": "append", "text": "I'm a software engineer from London."}]  # never said
 
     session = make_session(store)
     strategy = long_term(store, None, editor=editor)
@@ -219,6 +220,9 @@ def test_model_proposed_edits_are_applied_only_when_valid_and_once_per_exchange(
     assert len(calls) == 3
     rel = CoreMemory(store, WordCounter()).get(session.id, "relationship").value
     assert len(rel.splitlines()) == 3 and "ghost" not in rel
+    assert "software engineer" not in CoreMemory(store, WordCounter()).texts(session.id).get("user", "")
+    stats = CoreMemory(store, WordCounter()).stats(session.id)["by_source"]["model"]
+    assert stats == {"proposed": 9, "applied": 3, "rejected": 6}
     hist = CoreMemory(store, WordCounter()).history(session.id, "relationship")
     ids = {m.id for m in store.list_messages(session.id) if m.role == "user"}
     assert all(h["message_id"] in ids and h["source"] == "model" for h in hist)
