@@ -127,6 +127,8 @@ def parse_card_json(text: str | bytes, source: str = "<card>") -> dict:
         card = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CardError(f"card is not valid JSON: {e}", file=source) from None
+    except RecursionError:  # json recurses per nesting level
+        raise CardError("card JSON is nested too deeply", file=source, fix="export the card again") from None
     if not isinstance(card, dict):
         raise CardError("card JSON must be an object", file=source)
     spec = card.get("spec")
@@ -146,7 +148,29 @@ def parse_card_json(text: str | bytes, source: str = "<card>") -> dict:
     for key in CARD_TEXT_FIELDS:
         if data.get(key) is not None and not isinstance(data[key], str):
             raise CardError(f"must be text, got {type(data[key]).__name__}", file=source, field=f"data.{key}")
+    _check_card_shapes(data, source)
     return card
+
+
+CARD_TEXT_LISTS = ("tags", "alternate_greetings", "group_only_greetings")
+CARD_OBJECTS = ("extensions", "character_book")
+
+
+def _check_card_shapes(data: dict, source: str) -> None:
+    """Lists of text and objects where the spec says so (other tools write junk; never a 500)."""
+    for key in CARD_TEXT_LISTS:
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise CardError(f"must be a list of text, got {json.dumps(value)[:60]}", file=source, field=f"data.{key}",
+                            fix=f"write data.{key} as a JSON array of strings")
+    for key in CARD_OBJECTS:
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise CardError(f"must be an object, got {type(data[key]).__name__}", file=source, field=f"data.{key}")
+    memento = (data.get("extensions") or {}).get("memento")
+    if memento is not None and not isinstance(memento, dict):
+        raise CardError("must be an object", file=source, field="data.extensions.memento")
 
 
 def read_card(path: str | Path) -> dict:

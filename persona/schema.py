@@ -248,6 +248,9 @@ def parse_persona_text(text: str, file: str | None = None, *, name: str | None =
             line=mark.line + 2 if mark else 1,
             fix="check indentation and quote values that contain ':' or '#'",
         ) from None
+    except RecursionError:  # PyYAML recurses per nesting level: a hostile file would be a 500
+        raise PersonaError("YAML front matter is nested too deeply", file=file,
+                           fix="a persona's fields are text and short lists; flatten the structure") from None
     if not isinstance(data, dict):
         raise PersonaError("the front matter must be a mapping of fields (key: value)", file=file, line=2)
     if body:

@@ -91,7 +91,8 @@ def _field_path(loc: Sequence[Any]) -> str:
 def as_api_error(exc: Exception) -> APIError | None:
     """Domain exceptions from the other packages -> APIError; None when unknown."""
     from memory.context import ContextOverflow
-    from memory.store import SessionNotFound, StoreUnavailable
+    from memory.store import MessageNotFound, SessionExists, SessionNotFound, StoreError, StoreUnavailable
+    from model.chat_template import ChatTemplateError
     from service.worker import JobCancelled, QueueFull
 
     if isinstance(exc, APIError):
@@ -106,6 +107,16 @@ def as_api_error(exc: Exception) -> APIError | None:
         return store_unavailable(exc)
     if isinstance(exc, SessionNotFound):
         return not_found("session", exc.session_id)
+    if isinstance(exc, MessageNotFound):
+        return not_found("message", exc.message_id, param="message_id")
+    if isinstance(exc, SessionExists):
+        return APIError(409, str(exc), param="session_id", code="session_exists")
+    if isinstance(exc, StoreError):  # any other store failure: the client's input was not at fault
+        return APIError(503, f"the transcript store failed ({exc}); retry shortly", code="store_error",
+                        headers={"Retry-After": "2"})
+    if isinstance(exc, ChatTemplateError):  # e.g. Gemma's template needs user/assistant alternating
+        return APIError(422, f"the model's chat template refused these messages: {exc}", param="messages",
+                        code="invalid_messages")
     from persona.errors import PersonaError, PersonaNotFound
 
     if isinstance(exc, PersonaNotFound):
@@ -151,8 +162,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _domain_exceptions() -> list[type[Exception]]:
     from memory.context import ContextOverflow
-    from memory.store import SessionNotFound, StoreUnavailable
+    from memory.store import StoreError
+    from model.chat_template import ChatTemplateError
     from persona.errors import PersonaError
     from service.worker import JobCancelled, QueueFull
 
-    return [APIError, StoreUnavailable, SessionNotFound, QueueFull, JobCancelled, ContextOverflow, PersonaError]
+    return [APIError, StoreError, QueueFull, JobCancelled, ContextOverflow, PersonaError, ChatTemplateError]

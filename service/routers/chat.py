@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from memory.store import SessionExists
 from memory.types import Session
 from service import sse
 from service.client_messages import chat_messages, logit_bias
@@ -142,7 +143,12 @@ def session_for(
         )
     session = conv.store.get_session(session_id)
     if session is None:
-        return conv.create_session(user, persona, None, {"created_by": "chat.completions"}, session_id=session_id)
+        try:
+            return conv.create_session(user, persona, None, {"created_by": "chat.completions"}, session_id=session_id)
+        except SessionExists:  # a concurrent first call created it: use that one (if it is ours)
+            session = conv.store.get_session(session_id)
+            if session is None:
+                raise
     if session.owner != user:
         raise not_found("session", session_id)  # someone else's: indistinguishable from missing
     return session
