@@ -385,7 +385,7 @@ class Conversations:
             queue_wait=(job.started - job.submitted) if job.started is not None else None,
         )
         regenerate = self._regenerator(prep, params, guard) if guard is not None else None
-        text, register_meta = register.post_check(prep.persona, text, self.rt.metrics, regenerate)
+        text, register_meta = register.post_check(prep.persona, text, self.rt.metrics, regenerate, job.should_stop)
         return TurnResult(text, ev.finish_reason, usage, register_meta=register_meta)
 
     def _regenerator(self, prep: Prepared, params: Any, guard: Any) -> Any:

@@ -59,3 +59,35 @@ def test_guarded_persona_turn_stores_register_label(app):
     assert meta["register"] in ("banmal", "none")  # the guard + repair leave no polite ending
     assert meta["persona"] == "daughter-ko"
     assert "memento_register_replies_total{" in c.get("/metrics").text
+
+
+POLITE_REPLY = "저도 좋아요. 고마워요. 내일 봬요. 잘 자요. 안녕히 계세요. 감사합니다. 알겠습니다. 좋아요."
+
+
+def test_repair_obeys_a_total_budget_across_sentences():
+    calls = []
+
+    def stubborn(prefix: str) -> str:  # never comes back in register: every try is spent
+        calls.append(prefix)
+        return "네, 알겠습니다."
+
+    text, meta = register.post_check(banmal_persona(), POLITE_REPLY, Metrics(), stubborn, budget=3)
+    assert len(calls) == 3  # 8 polite sentences x 2 tries each would be 16 model runs
+    assert meta["register_repairs"] == 3 and meta["register_repair_cut"] == "budget"
+    assert meta["register"] in ("banmal", "none")  # the rest rewritten by rule, still stored in register
+
+
+def test_repair_stops_calling_the_model_once_cancelled():
+    calls = []
+    cancelled = {"now": False}
+
+    def regenerate(prefix: str) -> str:
+        calls.append(prefix)
+        cancelled["now"] = True  # the client leaves during the first repair
+        return "응, 나도 좋아!"
+
+    text, meta = register.post_check(banmal_persona(), POLITE_REPLY, Metrics(), regenerate,
+                                     should_stop=lambda: cancelled["now"])
+    assert len(calls) == 1
+    assert meta["register_repair_cut"] == "cancelled"
+    assert "좋아요" not in text.split(".")[0]
