@@ -100,7 +100,7 @@ def test_fork_first_turn_reuses_the_parents_cache(app):
     for text in ("tell me about the sea", "and about the mountains", "and the rivers too"):
         turn(c, sid, text)
     msgs = transcript(c, sid)
-    fork = c.post(f"/v1/sessions/{sid}/messages/{msgs[-1]['id']}/fork").json()
+    fork = c.post(f"/v1/sessions/{sid}/messages/{msgs[-1]['id']}/fork", json={}).json()
     fresh = c.post("/v1/sessions", json={"memory": {"strategy": "buffer"}}).json()["id"]
     fresh_cached = turn(c, fresh, "what next?")["usage"]["cached_tokens"]  # persona prefix only
     usage = turn(c, fork["id"], "what next?")["usage"]
