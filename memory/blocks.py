@@ -35,6 +35,7 @@ MAX_BLOCK_TOKENS = 2048
 MAX_BLOCKS = 8
 HISTORY_LIMIT = 500  # newest edits kept per session (the transcript stays the source of truth)
 LABEL = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_SENTENCE = re.compile(r"(?<=[.!?。])\s+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")  # and lone surrogates: not text
 EDIT_SCHEMA: dict[str, Any] = {  # what the model may write (the grammar); validation checks the rest
     "type": "object",
@@ -184,6 +185,9 @@ class CoreMemory:
         if op not in ("append", "replace") or not isinstance(text, str):
             raise BlockError("op must be append or replace, with a text", "op")
         text = self._check_text(text.strip(), allow_empty=False)
+        sentences = [x.strip().lower() for x in _SENTENCE.split(text) if x.strip()]
+        if len(sentences) != len(set(sentences)):  # small models loop; a block line never needs to
+            raise BlockError("the text repeats itself", "text")
         lines = [ln for ln in blocks[label]["value"].splitlines() if ln.strip()]
         if text in lines:
             raise BlockError("the block already says that", "text")
@@ -276,7 +280,7 @@ class ModelBlockEditor:
 
         constraint = JsonConstraint(self.tokenizer, EDIT_SCHEMA)
         ids = self.tokenizer.apply_chat_template(self.prompt(blocks, exchange), add_generation_prompt=True)
-        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0)
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, repetition_penalty=1.2)
         text = self.engine.complete(ids, params, session_id=None, logits_processors=[constraint]).text
         self.calls += 1
         try:

@@ -175,9 +175,10 @@ def test_blocks_validate_every_edit_and_keep_history(store):
         {"label": "nope", "op": "append", "text": "x"},  # unknown block
         {"label": "user", "op": "replace", "old": "Lives in Seoul", "text": "y"},  # no such line
         {"label": "user", "op": "append", "text": "word " * 300},  # over the limit
+        {"label": "user", "op": "append", "text": "My wife is Sora. My wife is Sora."},  # repeats itself
         {"label": "user", "op": "replace", "old": "Lives in Busan", "text": "Lives in Daejeon"},
     ], message_id="msg_7", source="model")
-    assert len(applied) == 2 and len(rejected) == 4
+    assert len(applied) == 2 and len(rejected) == 5
     assert core.get(session.id, "user").value == "Name: Ada\nLives in Daejeon"
     history = core.history(session.id, "user")
     assert [h["message_id"] for h in history] == [None, "msg_7", "msg_7"]
