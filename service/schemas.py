@@ -7,9 +7,16 @@ has that we do not act on are accepted and ignored, so unchanged clients keep wo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Caps that keep one request's work bounded before any model or store work (issue 10)
+MAX_MESSAGES = 1024  # messages in one chat request (a long history belongs in a session)
+MAX_STOP = 4  # stop sequences, as OpenAI documents
+MAX_STOP_CHARS = 256  # characters per stop sequence (each is matched against every decoded piece)
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None
 
 from memory.config import MemoryConfig  # the one definition: a union on "strategy", with bounds
 
@@ -87,7 +94,7 @@ class NamedToolChoice(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     model: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
     logit_bias: dict[str, float] | None = None  # token id -> bias in [-100, 100]
@@ -100,7 +107,7 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
     response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
-    stop: str | list[str] | None = None
+    stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -286,7 +293,7 @@ class MessageCreate(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
-    stop: list[str] | str | None = None
+    stop: Stop = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)  # OpenAI semantics, over the reply
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id -> bias in [-100, 100]
@@ -347,7 +354,7 @@ class CompletionRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=8)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None  # accepted only when empty: no fill-in-the-middle

@@ -183,8 +183,11 @@ async def get_context(
     session_id: str,
     user: UserDep,
     conv: ConvDep,
-    message: str = Query("", description="the next user message, if it were sent (retrieval uses it)"),
+    rt: RuntimeDep,
+    message: str = Query("", max_length=32_000, description="the next user message, if it were sent (retrieval uses it)"),
 ) -> dict[str, Any]:
+    check_length(rt, message, "message")  # the same limit as a real turn's content
+
     def build() -> dict[str, Any]:
         return conv.context_view(conv.get_session(session_id, user), message)
 

@@ -131,3 +131,27 @@ def test_200mb_bodies_are_refused_fast_and_memory_stays_flat(limited_server):
           f"RSS grew {grown_mb:.1f} MB")
     assert status == 413
     assert grown_mb < 50
+
+
+def test_request_caps_name_the_field(app):
+    c = app.client
+    hi = [{"role": "user", "content": "hi"}]
+    r = c.post("/v1/chat/completions", json={"model": "x", "messages": hi * 1025})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
+    r = c.post("/v1/chat/completions", json={"model": "x", "messages": hi, "stop": ["a"] * 5})
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith("stop")
+    r = c.post("/v1/chat/completions", json={"model": "x", "messages": hi, "stop": "a" * 257})
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith("stop")
+    sid = c.post("/v1/sessions", json={}).json()["id"]
+    r = c.post(f"/v1/sessions/{sid}/messages", json={"content": "hi", "stop": ["b" * 300]})
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith("stop")
+    r = c.get(f"/v1/sessions/{sid}/context", params={"message": "x" * 40_000})
+    assert r.status_code in (413, 422) and r.json()["error"]["param"] == "message"
+    for memory, param in (({"strategy": "vector", "k": 10**6}, "memory.k"),
+                          ({"strategy": "window", "turns": 10**6}, "memory.turns"),
+                          ({"strategy": "token_buffer", "max_tokens": 10**9}, "memory.max_tokens")):
+        r = c.post("/v1/sessions", json={"memory": memory})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+    # max_tokens is a ceiling: far past the window it still answers (with what fits)
+    r = c.post("/v1/chat/completions", json={"model": "x", "messages": hi, "max_tokens": 10**9})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 1024
