@@ -148,3 +148,24 @@ def test_samples_of_one_prompt_share_its_blocks(lm):
         eng.scheduler.step()
     assert sorted(s.cached_tokens for s in seqs) == [0, 40, 40, 40]
     assert len({tuple(s.generated) for s in seqs}) > 1  # different seeds, different samples
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_rows_on_cuda_bf16_match_cpu_float32_greedy_closely():
+    """The same scheduler on CUDA in bfloat16: rows batched give the tokens each gives alone."""
+    from model.registry import LoadedModel
+
+    cpu = tiny_lm()
+    dev = torch.device("cuda")
+    lm = LoadedModel("tiny", cpu.args, cpu.model.to(dev, torch.bfloat16), cpu.tokenizer, cpu.context_window, dev,
+                     torch.bfloat16, None)
+    prompts = [ids(10 + 5 * i, 300 + i) for i in range(6)]
+    alone_ids = [Engine(lm).complete(p, SamplingParams(temperature=0, max_tokens=8)).token_ids for p in prompts]
+    eng = Engine(lm)
+    seqs = [Sequence(p, SamplingParams(temperature=0, max_tokens=8)) for p in prompts]
+    for s in seqs:
+        eng.scheduler.add(s)
+    while eng.scheduler.has_work():
+        eng.scheduler.step()
+    assert sum(s.generated == a[: len(s.generated)] for s, a in zip(seqs, alone_ids, strict=True)) >= 5
