@@ -76,6 +76,7 @@ class Prepared:
     new_message: str | None = None  # memory mode: the user turn to store first
     ctx: Any = None  # memory.context.Context (memory mode)
     remind: bool = False
+    message_id: str | None = None  # the Idempotency-Key: the user message's id, the reply's reply_to
 
 
 @dataclass
@@ -310,7 +311,7 @@ class Conversations:
 
         def run(job: Job) -> TurnResult:
             if prep.session is not None and prep.new_message is not None:
-                self.store.append_message(prep.session.id, "user", prep.new_message)
+                self.store.append_message(prep.session.id, "user", prep.new_message, message_id=prep.message_id)
             result = self._generate(job, prep, sampling)
             if sampling.tool_parser is not None:
                 result.tool_calls = sampling.tool_parser(result.text) or None
@@ -411,6 +412,8 @@ class Conversations:
             "model": self.rt.lm.name,
         }
         metadata.update(result.register_meta)
+        if prep.message_id:  # an idempotent turn: a retry finds this reply by its key
+            metadata["reply_to"] = prep.message_id
         if result.tool_calls:  # the content keeps them as <tool_call> text; metadata as OpenAI objects
             metadata["tool_calls"] = result.tool_calls
         if prep.remind:

@@ -297,6 +297,7 @@ class MessageCreate(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)  # OpenAI semantics, over the reply
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id -> bias in [-100, 100]
+    message_id: str | None = Field(None, min_length=1, max_length=128)  # idempotency: same as Idempotency-Key
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from memory.types import Message, Session
-from service import sse
+from service import idempotency, sse
 from service.conversation import Prepared, Sampling, TurnResult, sampling_extra
 from service.deps import ConvDep, RuntimeDep, UserDep
 from service.errors import APIError, error_body
@@ -102,16 +102,37 @@ async def list_messages(session_id: str, user: UserDep, conv: ConvDep) -> dict[s
 
 
 @router.post("/{session_id}/messages", response_model=TurnOut)
-async def post_message(session_id: str, body: MessageCreate, user: UserDep, conv: ConvDep, rt: RuntimeDep) -> Any:
+async def post_message(
+    session_id: str, body: MessageCreate, user: UserDep, conv: ConvDep, rt: RuntimeDep,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=128),
+) -> Any:
     check_length(rt, body.content, "content")
+    key = idempotency.check_key(idempotency_key or body.message_id, "Idempotency-Key" if idempotency_key else "message_id")
     session = await run_in_threadpool(conv.get_session, session_id, user)
+    history = None
+    if key is not None:  # a retry: the stored reply, or the first try's once it finishes
+        messages, at, reply = await idempotency.wait_for_reply(rt, session.id, key, body.content)
+        if reply is not None:
+            return replayed(reply, body.stream)
+        history = messages[:at] if at is not None else None  # the user turn is stored: answer it once
     sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop_list())
     sampling.extra = sampling_extra(rt.tokenizer.vocab_size, body.presence_penalty, body.frequency_penalty, body.logit_bias, None)
 
     def prepare() -> Prepared:
-        return conv.prepare(session, body.content, max_tokens=body.max_tokens)
+        prep = conv.prepare(session, body.content, max_tokens=body.max_tokens, history=history)
+        prep.message_id = key
+        return prep
 
-    outcome = await start_turn(rt, conv, session.id, prepare, sampling, body.stream, owner=user)
+    try:
+        outcome = await start_turn(rt, conv, session.id, prepare, sampling, body.stream, owner=user)
+    except APIError as exc:
+        if key is None or exc.code != "session_busy":
+            raise
+        # two tries of one key at once: the second joins the first (waits for its stored reply)
+        _, _, reply = await idempotency.wait_for_reply(rt, session.id, key, body.content)
+        if reply is None:
+            raise
+        return replayed(reply, body.stream)
     if body.stream:
         return sse.response(native_stream(outcome))
     return turn_out(outcome)
@@ -144,6 +165,20 @@ async def start_turn(
     except BaseException:
         release()  # not submitted (or failed): free the session now; a second release is harmless
         raise
+
+
+def replayed(reply: Message, stream: bool) -> Any:
+    """A retry's answer: the stored reply, in the shape (and stream form) the first try had."""
+    usage = reply.metadata.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                                            "cached_tokens": 0}
+    out = TurnOut(message=message_out(reply), usage=usage)
+
+    async def events() -> AsyncIterator[bytes]:
+        yield sse.event({"delta": reply.content})
+        yield sse.event(out.model_dump())
+        yield sse.DONE
+
+    return sse.response(events()) if stream else out
 
 
 def turn_out(result: TurnResult) -> TurnOut:

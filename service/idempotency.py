@@ -1,0 +1,66 @@
+"""Idempotent turns: an `Idempotency-Key` header (or `message_id` in the body) names the user message.
+
+The key becomes the stored user message's id (the stores already treat an append with a known
+`message_id` as a no-op), and the reply records `reply_to: <key>` in its metadata. A retry then:
+
+    reply stored              -> that reply, no second generation
+    the first try is running  -> waits for it (this session's one-turn claim) and returns its reply
+    user turn stored, no reply (the first try died mid-generation) -> generates the reply once,
+                                 from the history before that user message
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+
+from memory.types import Message
+from service.errors import APIError
+
+KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+WAIT_POLL = 0.1  # seconds between looks at the store while the first try runs
+
+
+def check_key(key: str | None, param: str) -> str | None:
+    if key is None:
+        return None
+    if not KEY_RE.match(key):
+        raise APIError(422, f"{param} must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
+                       param=param, code="invalid_value")
+    return key
+
+
+def find(messages: list[Message], key: str) -> tuple[int | None, Message | None]:
+    """(index of the user message with id `key`, the reply to it) in a transcript."""
+    at = next((i for i, m in enumerate(messages) if m.id == key), None)
+    if at is None:
+        return None, None
+    if messages[at].role != "user":
+        raise APIError(409, f"message id {key!r} is taken by a {messages[at].role} message in this session",
+                       param="Idempotency-Key", code="idempotency_key_reused")
+    reply = next((m for m in messages[at + 1:] if m.role == "assistant" and m.metadata.get("reply_to") == key), None)
+    return at, reply
+
+
+async def wait_for_reply(
+    rt: Any, session_id: str, key: str, content: str
+) -> tuple[list[Message], int | None, Message | None]:
+    """Look up `key`; while a turn holds the session's claim (maybe the first try, not yet stored), wait."""
+    deadline = time.monotonic() + rt.settings.request_timeout
+    while True:
+        messages = await asyncio.to_thread(rt.store.list_messages, session_id)
+        at, reply = find(messages, key)
+        if at is not None and messages[at].content != content:
+            raise APIError(409, f"Idempotency-Key {key!r} was used for a different message in this session",
+                           param="Idempotency-Key", code="idempotency_key_reused")
+        if reply is not None:
+            return messages, at, reply
+        release = rt.in_flight.claim(session_id)
+        if release is not None:  # nothing running: a new key, or the first try died before its reply
+            release()
+            return messages, at, None
+        if time.monotonic() > deadline:
+            raise APIError(504, "timed out waiting for the first try of this Idempotency-Key", code="timeout")
+        await asyncio.sleep(WAIT_POLL)
