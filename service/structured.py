@@ -138,10 +138,12 @@ class GrammarConstraint:
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         mask = self._mask_for(generated)
         n = logits.shape[-1]
-        allowed = torch.zeros(n, dtype=torch.bool)
         m = min(n, len(mask))
-        allowed[:m] = torch.from_numpy(mask[:m])
-        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        # the blocked set built in numpy and applied by one masked_fill: fewer torch ops per token
+        # (each costs a thread-pool round trip, slow on a busy CPU)
+        block = np.ones(n, dtype=bool)
+        block[:m] = ~mask[:m]
+        return logits.masked_fill(torch.from_numpy(block).to(logits.device), float("-inf"))
 
     def _mask_for(self, generated: list[int]) -> np.ndarray:
         with self._lock:
