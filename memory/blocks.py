@@ -280,7 +280,7 @@ class ModelBlockEditor:
 
         constraint = JsonConstraint(self.tokenizer, EDIT_SCHEMA)
         ids = self.tokenizer.apply_chat_template(self.prompt(blocks, exchange), add_generation_prompt=True)
-        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, repetition_penalty=1.2)
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, repetition_penalty=1.1)
         text = self.engine.complete(ids, params, session_id=None, logits_processors=[constraint]).text
         self.calls += 1
         try:
