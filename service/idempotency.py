@@ -64,3 +64,22 @@ async def wait_for_reply(
         if time.monotonic() > deadline:
             raise APIError(504, "timed out waiting for the first try of this Idempotency-Key", code="timeout")
         await asyncio.sleep(WAIT_POLL)
+
+
+def stored_outcome(reply: Message, stream: bool) -> Any:
+    """What `start_turn` would give (awaitable: the stream's items, or the TurnResult), from the stored reply."""
+    from service.conversation import TurnResult
+
+    usage = reply.metadata.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                                            "cached_tokens": 0}
+    result = TurnResult(reply.content, reply.metadata.get("finish_reason") or "stop", usage, message=reply,
+                        tool_calls=reply.metadata.get("tool_calls"))
+
+    async def items() -> Any:
+        yield reply.content
+        yield result
+
+    async def outcome() -> Any:
+        return items() if stream else result
+
+    return outcome()

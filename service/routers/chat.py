@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from memory.store import SessionExists
 from memory.types import Session
-from service import sse
+from service import idempotency, sse
 from service.client_messages import chat_messages, logit_bias
 from service.conversation import Conversations, Prepared, Sampling, TurnResult
 from service.deps import ConvDep, RuntimeDep, UserDep
@@ -84,12 +84,21 @@ async def chat_completions(
         raise APIError(422, "n > 1 is for stateless calls: a session stores one reply per turn",
                        param="n", code="invalid_value")
     body.messages = tool_history(body.messages)  # tool results and calls as text the template renders
+    stored = None  # memory mode with an Idempotency-Key already answered: that reply, no new turn
     if session_id:
         session = await run_in_threadpool(session_for, conv, body, user, session_id, persona)
         text = body.messages[-1].text()
+        key = idempotency.check_key(request.headers.get("idempotency-key"), "Idempotency-Key")
+        history = None
+        if key is not None:
+            messages, at, stored = await idempotency.wait_for_reply(rt, session.id, key, text)
+            history = messages[:at] if at is not None and stored is None else None
 
         def prepare() -> Prepared:
-            return with_tools(conv, conv.prepare(session, text, persona_name=persona, max_tokens=limit), plan, limit)
+            prep = conv.prepare(session, text, persona_name=persona, max_tokens=limit, history=history)
+            prep = with_tools(conv, prep, plan, limit)
+            prep.message_id = key
+            return prep
 
     else:
         session = None
@@ -101,9 +110,11 @@ async def chat_completions(
 
     sid = session.id if session else None
     outcomes = []
-    for j in range(n):  # n choices: seeds seed + j; the scheduler batches the concurrent requests
+    for j in range(n if stored is None else 0):  # n choices: seeds seed + j; the scheduler batches them
         choice_sampling = replace(sampling, seed=seeded(sampling.seed, j))
         outcomes.append(start_turn(rt, conv, sid, prepare, choice_sampling, bool(body.stream), owner=user))
+    if stored is not None:
+        outcomes.append(idempotency.stored_outcome(stored, bool(body.stream)))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.lm.name}
     headers = {"X-Session-ID": session.id} if session is not None else {}
     tools_on = plan is not None and plan.mode != "none"

@@ -78,3 +78,20 @@ def test_a_stored_user_turn_without_reply_is_answered_once(app):
     assert r.status_code == 200
     roles = [m["role"] for m in c.get(f"/v1/sessions/{sid}/messages").json()["data"]]
     assert roles == ["user", "assistant"]
+
+
+def test_memory_mode_chat_completions_retry_is_not_a_second_turn(app):
+    c = app.client
+    headers = {"X-Session-ID": "idem-chat", "Idempotency-Key": "c-1"}
+    body = {"model": "x", "max_tokens": 6, "messages": [{"role": "user", "content": "hi there"}]}
+    first = c.post("/v1/chat/completions", json=body, headers=headers)
+    assert first.status_code == 200
+    again = c.post("/v1/chat/completions", json=body, headers=headers)
+    assert again.status_code == 200
+    assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, headers=headers) as r:
+        events, _ = read_sse(r.iter_lines())
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+    assert text == first.json()["choices"][0]["message"]["content"] and events[-1] == "[DONE]"
+    transcript = c.get("/v1/sessions/idem-chat/messages").json()["data"]
+    assert [m["role"] for m in transcript] == ["user", "assistant"] and transcript[0]["id"] == "c-1"
