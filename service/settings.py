@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     owner_running: int | None = Field(None, ge=1, description="per user: requests running at once; None: half of max_running")
     owner_waiting: int | None = Field(None, ge=1, description="per user: requests waiting; None: queue_size")
     max_message_chars: int = Field(32_000, ge=1, description="longer user messages get 413")
-    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="request bodies over this get 413 before they are read")
+    max_body_bytes: int = Field(2**20, ge=1024, description="request bodies over this get 413 before they are read")
     kv_budget: int | None = Field(None, ge=0, description="bytes of KV cache kept across turns; None: engine default")
     request_timeout: float = Field(300.0, gt=0, description="seconds a request may wait for and use the model")
     reserve_for_reply: int = Field(512, ge=16, description="context tokens kept free for the reply")
