@@ -149,8 +149,8 @@ def test_tool_history_is_rendered_and_accepted(oai, app):
     ]
     r = oai.chat.completions.create(model="m", messages=history, max_tokens=4, tools=[WEATHER], tool_choice="none")
     assert r.choices[0].message.role == "assistant"
-    from service.tools import history as tool_history
     from service.schemas import ChatMessage
+    from service.tools import history as tool_history
 
     rendered = tool_history([ChatMessage(**m) for m in history])
     assert rendered[1].content == '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
