@@ -129,7 +129,7 @@ class ChatCompletionRequest(BaseModel):
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]  # "" is no stop
 
     def reply_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -302,7 +302,7 @@ class MessageCreate(BaseModel):
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]  # "" is no stop
 
 
 class Usage(BaseModel):
@@ -373,7 +373,7 @@ class CompletionRequest(BaseModel):
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]  # "" is no stop
 
 
 class CompletionLogprobs(BaseModel):

@@ -155,3 +155,13 @@ def test_request_caps_name_the_field(app):
     # max_tokens is a ceiling: far past the window it still answers (with what fits)
     r = c.post("/v1/chat/completions", json={"model": "x", "messages": hi, "max_tokens": 10**9})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 1024
+
+
+def test_an_empty_stop_string_means_no_stop(app):
+    """`"stop": ""` was passed to the engine as [''] and answered 500 (found by the schemathesis run)."""
+    c = app.client
+    r = c.post("/v1/completions", json={"model": "x", "prompt": "hi", "max_tokens": 2, "stop": ""})
+    assert r.status_code == 200, r.text
+    r = c.post("/v1/chat/completions", json={"model": "x", "max_tokens": 2, "stop": "",
+                                             "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
