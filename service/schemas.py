@@ -11,14 +11,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from memory.config import MemoryConfig  # the one definition: a union on "strategy", with bounds
+
 # Caps that keep one request's work bounded before any model or store work (issue 10)
 MAX_MESSAGES = 1024  # messages in one chat request (a long history belongs in a session)
 MAX_STOP = 4  # stop sequences, as OpenAI documents
 MAX_STOP_CHARS = 256  # characters per stop sequence (each is matched against every decoded piece)
 StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None
-
-from memory.config import MemoryConfig  # the one definition: a union on "strategy", with bounds
 
 # ---------------------------------------------------------------- OpenAI: chat completions
 

@@ -91,8 +91,8 @@ async def chat_completions(
         key = idempotency.check_key(request.headers.get("idempotency-key"), "Idempotency-Key")
         history = None
         if key is not None:
-            messages, at, stored = await idempotency.wait_for_reply(rt, session.id, key, text)
-            history = messages[:at] if at is not None and stored is None else None
+            transcript, at, stored = await idempotency.wait_for_reply(rt, session.id, key, text)
+            history = transcript[:at] if at is not None and stored is None else None
 
         def prepare() -> Prepared:
             prep = conv.prepare(session, text, persona_name=persona, max_tokens=limit, history=history)

@@ -21,6 +21,7 @@ from service.schemas import (
     SessionOut,
     SessionUpdate,
     TurnOut,
+    Usage,
 )
 from service.worker import KEEPALIVE, open_stream, run_job
 
@@ -171,7 +172,7 @@ def replayed(reply: Message, stream: bool) -> Any:
     """A retry's answer: the stored reply, in the shape (and stream form) the first try had."""
     usage = reply.metadata.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
                                             "cached_tokens": 0}
-    out = TurnOut(message=message_out(reply), usage=usage)
+    out = TurnOut(message=message_out(reply), usage=Usage.model_validate(usage))
 
     async def events() -> AsyncIterator[bytes]:
         yield sse.event({"delta": reply.content})
