@@ -58,8 +58,17 @@ class VectorStrategy:
                 "new exchanges will be indexed when it is back"
             )
             return view
-        view.retrieved = [h.exchange for h in hits]
+        view.retrieved = [h.exchange for h in self._live(session, hits)]
         return view
+
+    def _live(self, session: Session, hits: list) -> list:
+        """Drop hits of deleted sessions: their vectors may outlive them (Chroma down at delete time,
+        or another process holding the index), and a deleted chat must never come back."""
+        alive = {session.id: True}
+        for hit in hits:
+            if hit.session_id not in alive:
+                alive[hit.session_id] = self.deps.store.get_session(hit.session_id, owner=session.owner) is not None
+        return [h for h in hits if alive[h.session_id]]
 
     def after_turn(self, session: Session, messages: list[Message]) -> None:
         if self.deps.vector is None:

@@ -201,3 +201,18 @@ def test_memory_bench_smoke(tmp_path, capsys):
     assert rows["window"]["total_ms"]["p95"] >= rows["window"]["critical_ms"]["p50"] >= 0
     print_table(results)
     assert "recall@8" in capsys.readouterr().out
+
+
+def test_scope_user_never_retrieves_a_deleted_sessions_exchanges(store, use_vm):
+    """The deleted session's vectors are left in Chroma on purpose (as when Chroma was down at delete
+    time): retrieval in the owner's other sessions must still drop them."""
+    first = make_session(store, owner="dora")
+    converse(store, first, vector_strategy(store, use_vm), 6, plant={2: "My boat is called Seagull."})
+    second = make_session(store, owner="dora")
+    strat = vector_strategy(store, use_vm, scope="user", turns=2)
+    messages = converse(store, second, strat, 3)
+    assert "Seagull" in texts(strat.view(second, messages, "What is my boat called, Seagull?"))
+    store.delete_session(first.id)
+    view = strat.view(second, messages, "What is my boat called, Seagull?")
+    assert "Seagull" not in texts(view)
+    assert all(m.session_id == second.id for ex in view.retrieved for m in ex)
