@@ -161,6 +161,7 @@ function initEditor() {
     openEditor(name ? await api("GET", `/v1/personas/${encodeURIComponent(name)}`) : null);
   };
   $("close-editor").onclick = () => { $("editor").hidden = true; };
+  $("ed-form").onsubmit = (e) => e.preventDefault();  // not an inline handler: the CSP blocks those
   for (const f of FORM_FIELDS) $(`ed-${f}`).oninput = formChanged;
   $("ed-name").oninput = formChanged;
   $("ed-raw").oninput = rawChanged;
