@@ -126,3 +126,24 @@ def test_store_error_is_503_with_retry_after(srv, monkeypatch):
     r = httpx.get(f"{srv.url}/v1/sessions", timeout=30)
     assert r.status_code == 503, r.text
     assert r.headers.get("retry-after") and r.json()["error"]["code"] == "store_error"
+
+
+def test_raw_body_routes_keep_their_content_types_and_json_routes_refuse_others(srv):
+    """The 415 check applies to routes that take a JSON model only: persona files (markdown, text,
+    card JSON, PNG bytes) and chat imports (JSONL) keep working over the wire."""
+    persona = b"---\nname: rawp\ndescription: A raw persona.\n---\n"
+    for ctype in ("text/markdown", "text/plain", "application/octet-stream", None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        r = httpx.put(f"{srv.url}/v1/personas/rawp", content=persona, headers=headers, timeout=30)
+        assert r.status_code == 200, (ctype, r.text)
+    jsonl = (json.dumps({"user_name": "U", "character_name": "A"}) + "\n"
+             + json.dumps({"name": "U", "is_user": True, "mes": "hello"}) + "\n"
+             + json.dumps({"name": "A", "is_user": False, "mes": "hi there"}) + "\n").encode()
+    for ctype in ("application/x-ndjson", "text/plain"):
+        sid = f"imp-{ctype.split('/')[1]}"
+        r = httpx.post(f"{srv.url}/v1/sessions/{sid}/import", content=jsonl, headers={"Content-Type": ctype},
+                       timeout=30)
+        assert r.status_code < 300, (ctype, r.text)
+    r = httpx.post(f"{srv.url}/v1/chat/completions", content=json.dumps({"messages": HI}).encode(),
+                   headers={"Content-Type": "text/plain"}, timeout=30)
+    assert r.status_code == 415 and r.json()["error"]["param"] == "Content-Type", r.text
