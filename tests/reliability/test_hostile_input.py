@@ -111,10 +111,13 @@ def test_oversized_bodies_are_413_not_5xx(app):
     huge = "a" * 4_000_000
     assert c.post(f"/v1/sessions/{sid}/messages", json={"content": huge}).status_code == 413
     r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": huge}]})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"  # max_body_bytes, unread
+    long = "a" * 100_000  # under max_body_bytes, over max_message_chars
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long}]})
     assert r.status_code == 413 and r.json()["error"]["param"] == "messages[0].content"
     many = [
         {"role": "user", "content": "hello there " * 50}
-    ] * 2000  # each short, together far past the window
+    ] * 1000  # each short, together far past the window (and under MAX_MESSAGES and max_body_bytes)
     r = c.post("/v1/chat/completions", json={"messages": many, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert c.put("/v1/personas/big", content=b"x" * (600 * 1024)).status_code == 413

@@ -40,9 +40,8 @@ def test_env_host_is_checked_too(tmp_path):
 
 @pytest.mark.parametrize("how", ["insecure", "keys"])
 def test_insecure_flag_or_keys_let_it_start(monkeypatch, tmp_path, how):
-    from typer.testing import CliRunner
-
     import uvicorn
+    from typer.testing import CliRunner
 
     from service.cli import app
 
