@@ -26,7 +26,8 @@ def test_real_model_session_turns(real_app):
     assert "Paris" in first["message"]["content"]
     second = c.post(f"/v1/sessions/{sid}/messages",
                     json={"content": "And of Germany?", "temperature": 0}).json()
-    assert second["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 2  # KV reuse across turns
+    # KV reuse across turns, in whole 16-token blocks: all of the first prompt but its last partial block
+    assert second["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"] // 16 * 16
     for i in range(3):  # overflow the 120-token buffer so the model writes a running summary
         c.post(f"/v1/sessions/{sid}/messages", json={"content": f"Remember the number {i + 40}.", "temperature": 0})
     assert real_app.rt.background.wait_idle(timeout=300)
