@@ -164,22 +164,33 @@ def run_serving_bench(levels: list[int], model: str = "smollm2-135m-instruct", l
             proc.terminate()
             proc.wait(30)
     if llama_server:
-        print(f"bench: starting {llama_server} -np {max(levels)} -t {threads}", file=sys.stderr)
-        proc, url = _start_llama_server(llama_server, gguf, max(levels), threads)
-        try:
-            out["llama_server"] = _measure(url, levels, max_tokens, model)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        for ours, theirs in zip(out["ours"], out["llama_server"], strict=True):
-            for key in ("aggregate_tok_s", "per_session_tok_s", "ttft_p95_s"):
-                if ours[key] and theirs[key]:
-                    ours[f"{key}_ratio"] = ours[key] / theirs[key]
+        _peer(out, llama_server, gguf, levels, max_tokens, model, threads)
     rate = llama_cpp_single_stream(gguf, threads, max_tokens)
     if rate is not None:
         out["llama_cpp_single_stream_tok_s"] = rate
         out["single_stream_ratio"] = out["ours"][0]["per_session_tok_s"] / rate if levels[0] == 1 else None
     return out
+
+
+def _peer(out: dict[str, Any], binary: str, gguf: str, levels: list[int], max_tokens: int, model: str,
+          threads: int) -> None:
+    """llama-server's figures and our ratios into `out`; a peer that fails is reported, not fatal."""
+    print(f"bench: starting {binary} -np {max(levels)} -t {threads}", file=sys.stderr)
+    try:
+        proc, url = _start_llama_server(binary, gguf, max(levels), threads)
+    except RuntimeError as exc:
+        out["llama_server_error"] = str(exc)
+        print(f"bench: {exc}", file=sys.stderr)
+        return
+    try:
+        out["llama_server"] = _measure(url, levels, max_tokens, model)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    for ours, theirs in zip(out["ours"], out["llama_server"], strict=True):
+            for key in ("aggregate_tok_s", "per_session_tok_s", "ttft_p95_s"):
+                if ours[key] and theirs[key]:
+                    ours[f"{key}_ratio"] = ours[key] / theirs[key]
 
 
 def _f(v, spec=".1f") -> str:
@@ -198,6 +209,8 @@ def print_serving_table(r: dict[str, Any], file=None) -> None:
           f"{_f(o.get('aggregate_tok_s_ratio'), '.2f'):>6} {_f(o['per_session_tok_s']):>9} "
           f"{_f(t.get('per_session_tok_s')):>10} {_f(o['ttft_p50_s'], '.2f'):>9} {_f(o['ttft_p95_s'], '.2f'):>7} "
           f"{_f(t.get('ttft_p95_s'), '.2f'):>10} {_f(o.get('ttft_p95_s_ratio'), '.2f'):>6}")
+    if "llama_server_error" in r:
+        p(f"llama-server: {r['llama_server_error']}")
     if "llama_cpp_single_stream_tok_s" in r:
         p(f"llama-cpp-python single stream {_f(r['llama_cpp_single_stream_tok_s'])} tok/s; "
           f"ours/llama.cpp {_f(r.get('single_stream_ratio'), '.2f')}")

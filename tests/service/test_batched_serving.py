@@ -99,3 +99,24 @@ def test_concurrent_turns_share_forwards_and_metrics_show_the_cache(server):
     for name in ("memento:prefix_cache_queries_total", "memento:prefix_cache_hits_total",
                  "memento:kv_cache_usage_perc", "memento:kv_blocks_free", "memento:num_requests_running"):
         assert name in text, name
+
+
+def test_serving_bench_measures_a_live_server(live_server):
+    import asyncio
+
+    from service.serving_bench import _level
+
+    row = asyncio.run(_level(live_server.url, 3, 8, "tiny"))
+    assert row["concurrency"] == 3 and row["completion_tokens"] > 0
+    assert row["ttft_p95_s"] is not None and row["ttft_p50_s"] <= row["ttft_p95_s"]
+
+
+def test_bench_concurrency_option_is_checked():
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "--concurrency", "1,x"])
+    assert r.exit_code != 0 and "comma-separated integers" in r.output
+    r = CliRunner().invoke(app, ["bench", "--concurrency", "1", "--llama-server", "/nonexistent/llama-server"])
+    assert r.exit_code != 0 and "no such file" in r.output
