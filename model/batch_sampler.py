@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.sampling import LogitsProcessor, SamplingParams, apply_processors, penalize, token_logprobs
+from model.sampling import (
+    LogitsProcessor,
+    SamplingParams,
+    apply_processors,
+    mask_min_p,
+    mask_top_k,
+    mask_top_p,
+    penalize,
+    token_logprobs,
+)
 
 
 @dataclass
@@ -40,27 +49,12 @@ def _row_scores(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
 
 def _filtered(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p for rows of `scores` (R, V), each with its own values."""
-    dev = scores.device
-    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=dev)[:, None]
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=scores.device)[:, None]
     # shift so the top logit is 0 and divide in float64: a tiny temperature gives -inf, never NaN
     x = ((scores - scores.max(-1, keepdim=True).values).double() / temp).float()
-    ks = [p.top_k if 0 < p.top_k < x.shape[-1] else 0 for p in params]
-    if any(ks):
-        top = torch.topk(x, max(ks), dim=-1).values  # (R, kmax)
-        kth = torch.stack([top[i, k - 1] if k else x.new_tensor(float("-inf")) for i, k in enumerate(ks)])
-        x = x.masked_fill(x < kth[:, None], float("-inf"))
-    if any(p.top_p < 1.0 for p in params):
-        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=dev)[:, None]
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # the mass before a token already reaches p
-        drop_sorted[:, 0] = False
-        x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
-    if any(p.min_p > 0.0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
-        probs = torch.softmax(x, dim=-1)
-        x = x.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    return x
+    x = mask_top_k(x, [p.top_k for p in params])
+    x = mask_top_p(x, [p.top_p for p in params])
+    return mask_min_p(x, [p.min_p for p in params])
 
 
 def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[tuple[int, float | None, list | None]]:

@@ -146,33 +146,49 @@ def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, lis
     return float(logp[token]), alts
 
 
-def mask_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits (ties at the k-th value kept too); the rest become -inf."""
-    if k <= 0 or k >= logits.numel():
+def _per_row(value, rows: int) -> list:
+    """A scalar parameter for every row, or one value per row as given."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * rows
+
+
+def mask_top_k(logits: torch.Tensor, k) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the k-th value kept too); the rest become
+    -inf. `logits` (..., V); `k` an int or one int per row (0: off)."""
+    x = logits.reshape(-1, logits.shape[-1])
+    ks = [k if 0 < k < x.shape[-1] else 0 for k in _per_row(k, x.shape[0])]
+    if not any(ks):
         return logits
-    kth = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    top = torch.topk(x, max(ks), dim=-1).values  # (R, kmax)
+    kth = torch.stack([top[i, k - 1] if k else x.new_tensor(float("-inf")) for i, k in enumerate(ks)])
+    return x.masked_fill(x < kth[:, None], float("-inf")).view_as(logits)
 
 
-def mask_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability mass reaches p (always >= 1)."""
-    if p >= 1.0:
+def mask_top_p(logits: torch.Tensor, p) -> torch.Tensor:
+    """Keep, per row, the smallest set of most likely tokens whose probability mass reaches p
+    (always >= 1 token). `p` a float or one float per row (1: off)."""
+    x = logits.reshape(-1, logits.shape[-1])
+    ps = _per_row(p, x.shape[0])
+    if all(p >= 1.0 for p in ps):
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
-    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    # drop a token when the mass *before* it already reaches p
-    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= p
-    drop_sorted[0] = False  # a p below float32's smallest value would otherwise drop every token
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    top_p = torch.tensor([p if p < 1.0 else 2.0 for p in ps], device=x.device)[:, None]  # 2: never drops
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)
+    probs = torch.softmax(sorted_x, dim=-1)
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # drop when the mass *before* it reaches p
+    drop_sorted[:, 0] = False  # a p below float32's smallest value would otherwise drop every token
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return x.masked_fill(drop, float("-inf")).view_as(logits)
 
 
-def mask_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the top token's probability."""
-    if min_p <= 0.0:
+def mask_min_p(logits: torch.Tensor, min_p) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times their row's top probability.
+    `min_p` a float or one float per row (0: off)."""
+    x = logits.reshape(-1, logits.shape[-1])
+    ms = _per_row(min_p, x.shape[0])
+    if all(m <= 0.0 for m in ms):
         return logits
-    probs = torch.softmax(logits, dim=-1)
-    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    floor = torch.tensor(ms, device=x.device)[:, None] * probs.max(-1, keepdim=True).values
+    return x.masked_fill(probs < floor, float("-inf")).view_as(logits)
 
 
 def sample(

@@ -183,3 +183,16 @@ def test_token_logprobs_are_log_softmax_with_top_alternatives():
     assert [t for t, _ in top] == [0, 1] and abs(top[0][1] - float(want[0])) < 1e-6
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+def test_batched_rows_sample_what_each_row_samples_alone():
+    from model.batch_sampler import RowSampling, sample_rows
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.2, top_p=0.6), SamplingParams(temperature=0.9, min_p=0.1)]
+    for seed in range(5):
+        rows = [RowSampling(p, make_generator(seed + i), [1, 2], [2]) for i, p in enumerate(params)]
+        batched = [t for t, _lp, _top in sample_rows(logits, rows)]
+        alone = [sample(logits[i], p, make_generator(seed + i), [1, 2], [2]) for i, p in enumerate(params)]
+        assert batched == alone
