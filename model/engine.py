@@ -134,6 +134,7 @@ class Engine:
         with self._cond:
             p, s = self.pool, self.scheduler
             return {"kv_cache_bytes": p.used_bytes, "kv_pool_bytes": p.nbytes, "kv_blocks_total": p.num_blocks - 1,
+                    "kv_bytes_per_token": p.block_bytes // p.block_size,
                     "kv_blocks_used": p.blocks_used, "kv_blocks_free": len(p.free), "kv_blocks_cached": len(p.cached),
                     "prefix_cache_queries": p.queries, "prefix_cache_hits": p.hits,
                     "num_requests_running": len(s.running), "num_requests_waiting": s.num_waiting}

@@ -89,6 +89,7 @@ class _EngineCollector:
     GAUGES = {
         "kv_cache_bytes": "bytes of KV blocks in use or cached for reuse",
         "kv_pool_bytes": "bytes of the preallocated KV block pool",
+        "kv_bytes_per_token": "KV cache bytes one token takes (all layers, keys and values)",
         "kv_blocks_total": "KV blocks in the pool",
         "kv_blocks_used": "KV blocks held by requests or cached",
         "kv_blocks_free": "KV blocks never used or freed",

@@ -122,13 +122,10 @@ def _start_llama_server(binary: str, gguf: str, slots: int, threads: int) -> tup
 def _kv_bytes_per_token(url: str) -> float | None:
     import httpx
 
-    metrics = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("memento:kv_pool_bytes") or line.startswith("memento:kv_blocks_total"):
-            name, value = line.split()
-            metrics[name] = float(value)
-    blocks = metrics.get("memento:kv_blocks_total")
-    return metrics["memento:kv_pool_bytes"] / ((blocks + 1) * 16) if blocks else None
+        if line.startswith("memento:kv_bytes_per_token "):
+            return float(line.split()[1])
+    return None
 
 
 def llama_cpp_single_stream(gguf: str, threads: int, max_tokens: int) -> float | None:

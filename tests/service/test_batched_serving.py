@@ -97,15 +97,18 @@ def test_concurrent_turns_share_forwards_and_metrics_show_the_cache(server):
     assert len(usages) == 4 and engine.scheduler.steps - steps0 < tokens  # rows shared forwards
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("memento:prefix_cache_queries_total", "memento:prefix_cache_hits_total",
-                 "memento:kv_cache_usage_perc", "memento:kv_blocks_free", "memento:num_requests_running"):
+                 "memento:kv_cache_usage_perc", "memento:kv_blocks_free", "memento:num_requests_running",
+                 "memento:kv_bytes_per_token"):
         assert name in text, name
 
 
 def test_serving_bench_measures_a_live_server(live_server):
     import asyncio
 
-    from service.serving_bench import _level
+    from service.serving_bench import _kv_bytes_per_token, _level
 
+    a = live_server.app.state.rt.lm.args
+    assert _kv_bytes_per_token(live_server.url) == 2 * a.n_layers * a.n_kv_heads * a.head_dim * 4  # float32
     row = asyncio.run(_level(live_server.url, 3, 8, "tiny"))
     assert row["concurrency"] == 3 and row["completion_tokens"] > 0
     assert row["ttft_p95_s"] is not None and row["ttft_p50_s"] <= row["ttft_p95_s"]
