@@ -65,8 +65,9 @@ def test_second_turn_reuses_kv_cache(app):
     first = c.post(f"/v1/sessions/{s['id']}/messages", json={"content": "one", "max_tokens": 4}).json()
     second = c.post(f"/v1/sessions/{s['id']}/messages", json={"content": "two", "max_tokens": 4}).json()
     assert first["usage"]["cached_tokens"] == 0
-    # the persona prompt and the first exchange are already in the session's KV cache
-    assert second["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 2
+    # the first prompt is in the session's KV cache, in whole 16-token blocks (its last partial
+    # block, and the reply's, depend on how the template re-tokenizes the reply)
+    assert second["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"] // 16 * 16 > 0
     assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"]
 
 
