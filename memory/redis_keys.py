@@ -6,6 +6,10 @@
     {prefix}:session:{id}:ids        hash    message id -> seq (makes a retried append a no-op)
     {prefix}:session:{id}:state      hash    strategy state key -> JSON
     {prefix}:owner:{owner}:sessions  zset    session ids scored by creation time (epoch seconds)
+    {prefix}:personas:{owner}        hash    persona name -> persona file text (owner "" = shared)
+    {prefix}:tombstones              hash    deleted session id -> owner (its vectors still to delete)
+    {prefix}:lease:{name}            string  the holder's fencing token, with a PX expiry
+    {prefix}:lease:{name}:fence      string  INCR counter issuing the fencing tokens
 
 Ids and owners come from clients (X-Session-ID, API key owners), so they are percent-encoded:
 a ':' or '*' in them can neither reach another key nor widen a SCAN pattern.
@@ -59,6 +63,18 @@ class RedisKeys:
 
     def owner_sessions(self, owner: str) -> str:
         return f"{self.prefix}:owner:{_part(owner)}:sessions"
+
+    def personas(self, owner: str) -> str:
+        return f"{self.prefix}:personas:{_part(owner)}"
+
+    def tombstones(self) -> str:
+        return f"{self.prefix}:tombstones"
+
+    def lease(self, name: str) -> str:
+        return f"{self.prefix}:lease:{_part(name)}"
+
+    def lease_fence(self, name: str) -> str:
+        return f"{self.lease(name)}:fence"
 
     def pattern(self) -> str:
         """SCAN pattern matching every key under this prefix (tests clean up with it)."""

@@ -18,7 +18,10 @@ Durability guarantees
   with the default `appendfsync everysec` up to ~1 s of acknowledged writes can be lost on an
   OS crash or power loss (a killed redis-server process alone loses nothing that reached the
   kernel). Without AOF or RDB, nothing survives a restart. `docker-compose.yml` runs AOF on.
-* Deleting a session removes every key of the session and its index entry in one atomic step.
+* Deleting a session removes every key of the session and its index entry in one atomic step,
+  and leaves a vector tombstone in that step (its Chroma vectors are deleted later, whatever happens).
+* Leases are `SET NX PX` with a fencing token from INCR (one script), so one holder across every
+  process on the server; `cas_state` is WATCH/MULTI.
 * Unreachable server: calls fail fast with `StoreUnavailable` (connect timeout 1 s, socket
   timeout 2 s; tune them with the constructor or in the URL:
   `redis://host:6379/0?socket_timeout=5&socket_connect_timeout=2`). Once Redis is back, the same
@@ -133,11 +136,28 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: session keys..., owner index (last). ARGV: expected session JSON, session id.
+# KEYS: session keys..., owner index, tombstones. ARGV: expected session JSON, session id, owner.
+# The tombstone is written in the same step: the session's vectors are deleted later, whatever happens.
 _DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-for i = 1, #KEYS - 1 do redis.call('DEL', KEYS[i]) end
-redis.call('ZREM', KEYS[#KEYS], ARGV[2])
+for i = 1, #KEYS - 2 do redis.call('DEL', KEYS[i]) end
+redis.call('ZREM', KEYS[#KEYS - 1], ARGV[2])
+redis.call('HSET', KEYS[#KEYS], ARGV[2], ARGV[3])
+return 1
+"""
+
+# KEYS: lease, fence. ARGV: ttl ms. A fencing token, or 0 while someone holds the lease.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+return token
+"""
+
+# KEYS: lease. ARGV: token, ttl ms (0: release). Only the token's holder renews or releases.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
 
@@ -191,6 +211,8 @@ class RedisStore:
         self._put_state = self._r.register_script(_PUT_STATE)
         self._update = self._r.register_script(_UPDATE)
         self._delete = self._r.register_script(_DELETE)
+        self._acquire = self._r.register_script(_ACQUIRE)
+        self._renew = self._r.register_script(_RENEW)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -305,8 +327,8 @@ class RedisStore:
                 if old is None:
                     return False
                 owner = json.loads(old)["owner"]
-                keys = [*k.session_keys(session_id), k.owner_sessions(owner)]
-                if self._delete(keys=keys, args=[old, session_id]):
+                keys = [*k.session_keys(session_id), k.owner_sessions(owner), k.tombstones()]
+                if self._delete(keys=keys, args=[old, session_id, owner]):
                     return True
         raise StoreError(f"session {session_id!r} changed {_CAS_ATTEMPTS} times while deleting it; retry")
 
@@ -423,6 +445,71 @@ class RedisStore:
             stored = self._put_state(keys=[k.session(session_id), k.state(session_id)], args=[key, text])
         if not stored:
             raise SessionNotFound(session_id)
+
+    def cas_state(
+        self, session_id: str, key: str, expected: dict[str, Any] | None, value: dict[str, Any]
+    ) -> bool:
+        """put_state only if the stored state still equals `expected` (WATCH/MULTI: compared as
+        JSON values, not text, so key order does not matter)."""
+        text = to_json(f"state {key!r}", value)
+        k = self.keys
+        with self._errors("cas_state"), self._r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(k.session(session_id), k.state(session_id))
+                if not pipe.exists(k.session(session_id)):
+                    raise SessionNotFound(session_id)
+                stored = pipe.hget(k.state(session_id), key)
+                if (None if stored is None else json.loads(stored)) != expected:
+                    return False
+                pipe.multi()
+                pipe.hset(k.state(session_id), key, text)
+                pipe.execute()
+            except redis.WatchError:
+                return False  # changed between our read and the write
+        return True
+
+    # -- personas -------------------------------------------------------------------------
+
+    def put_persona(self, owner: str, name: str, text: str) -> None:
+        with self._errors("put_persona"):
+            self._r.hset(self.keys.personas(owner), name, text)
+
+    def get_persona(self, owner: str, name: str) -> str | None:
+        with self._errors("get_persona"):
+            return self._r.hget(self.keys.personas(owner), name)
+
+    def list_personas(self, owner: str) -> dict[str, str]:
+        with self._errors("list_personas"):
+            return dict(sorted(self._r.hgetall(self.keys.personas(owner)).items()))
+
+    def delete_persona(self, owner: str, name: str) -> bool:
+        with self._errors("delete_persona"):
+            return bool(self._r.hdel(self.keys.personas(owner), name))
+
+    # -- vector tombstones ----------------------------------------------------------------
+
+    def list_tombstones(self) -> list[tuple[str, str]]:
+        with self._errors("list_tombstones"):
+            return list(self._r.hgetall(self.keys.tombstones()).items())
+
+    def drop_tombstone(self, session_id: str) -> None:
+        with self._errors("drop_tombstone"):
+            self._r.hdel(self.keys.tombstones(), session_id)
+
+    # -- leases (SET NX PX, in a script that also issues the fencing token) -----------------
+
+    def acquire_lease(self, name: str, ttl_ms: int) -> int | None:
+        with self._errors("acquire_lease"):
+            token = int(self._acquire(keys=[self.keys.lease(name), self.keys.lease_fence(name)], args=[ttl_ms]))
+        return token or None
+
+    def renew_lease(self, name: str, token: int, ttl_ms: int) -> bool:
+        with self._errors("renew_lease"):
+            return bool(self._renew(keys=[self.keys.lease(name)], args=[str(token), str(ttl_ms)]))
+
+    def release_lease(self, name: str, token: int) -> None:
+        with self._errors("release_lease"):
+            self._renew(keys=[self.keys.lease(name)], args=[str(token), "0"])
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -11,7 +11,11 @@ Durability guarantees
 * Messages are totally ordered by an AUTOINCREMENT `seq` assigned inside the committing
   transaction, so concurrent writers (threads or processes) never interleave half-written
   messages and `list_messages` returns them in commit order, each exactly once.
-* Deleting a session removes its messages and strategy state in the same transaction.
+* Deleting a session removes its messages and strategy state in the same transaction, and
+  leaves a vector tombstone (session id, owner) there, so its Chroma vectors are deleted later
+  even if Chroma is down or the process dies right after.
+* Leases (`acquire_lease`) and `cas_state` are transactions on the file, so they hold across
+  every process sharing it.
 * Several processes may share one file (WAL lets readers run beside the single writer);
   a writer waits up to `busy_timeout_s` for the write lock, then `StoreUnavailable` is raised.
 * The schema version lives in `PRAGMA user_version`; opening a file written by a newer
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +46,7 @@ from memory.store import (
 )
 from memory.types import Message, Session, now_iso
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # One entry per version: the statements that bring a database from version i to i + 1.
 MIGRATIONS: list[list[str]] = [
@@ -72,6 +77,22 @@ MIGRATIONS: list[list[str]] = [
             updated_at TEXT NOT NULL,
             PRIMARY KEY (session_id, key)
         )""",
+    ],
+    [  # 2: personas in the store (owner "" = shared), vector tombstones, leases
+        """CREATE TABLE personas (
+            owner TEXT NOT NULL,
+            name TEXT NOT NULL,
+            text TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (owner, name)
+        )""",
+        """CREATE TABLE tombstones (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id TEXT NOT NULL UNIQUE,
+            owner TEXT NOT NULL
+        )""",
+        # rows stay after release (expires_at 0) so the fencing token keeps increasing per name
+        "CREATE TABLE leases (name TEXT PRIMARY KEY, token INTEGER NOT NULL, expires_at REAL NOT NULL)",
     ],
 ]
 
@@ -289,6 +310,11 @@ class SQLiteStore:
             # tool without `PRAGMA foreign_keys=ON` must not leave orphans behind either.
             db.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
             db.execute("DELETE FROM state WHERE session_id = ?", (session_id,))
+            # the tombstone commits with the delete: vectors in Chroma go later, even after a crash
+            db.execute(
+                "INSERT OR IGNORE INTO tombstones (session_id, owner) SELECT id, owner FROM sessions WHERE id = ?",
+                (session_id,),
+            )
             return db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
 
     # -- transcript -----------------------------------------------------------------------
@@ -402,6 +428,86 @@ class SQLiteStore:
                 "updated_at = excluded.updated_at",
                 (session_id, key, text, now_iso()),
             )
+
+    def cas_state(
+        self, session_id: str, key: str, expected: dict[str, Any] | None, value: dict[str, Any]
+    ) -> bool:
+        """put_state only if the stored state still equals `expected` (one transaction)."""
+        text = to_json(f"state {key!r}", value)
+        with self._write("cas_state") as db:
+            if not db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
+                raise SessionNotFound(session_id)
+            row = db.execute("SELECT value FROM state WHERE session_id = ? AND key = ?", (session_id, key)).fetchone()
+            if (None if row is None else json.loads(row[0])) != expected:
+                return False
+            db.execute(
+                "INSERT INTO state (session_id, key, value, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (session_id, key, text, now_iso()),
+            )
+        return True
+
+    # -- personas -------------------------------------------------------------------------
+
+    def put_persona(self, owner: str, name: str, text: str) -> None:
+        with self._write("put_persona") as db:
+            db.execute(
+                "INSERT INTO personas (owner, name, text, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (owner, name) DO UPDATE SET text = excluded.text, updated_at = excluded.updated_at",
+                (owner, name, text, now_iso()),
+            )
+
+    def get_persona(self, owner: str, name: str) -> str | None:
+        with self._read("get_persona") as db:
+            row = db.execute("SELECT text FROM personas WHERE owner = ? AND name = ?", (owner, name)).fetchone()
+        return None if row is None else row[0]
+
+    def list_personas(self, owner: str) -> dict[str, str]:
+        with self._read("list_personas") as db:
+            rows = db.execute("SELECT name, text FROM personas WHERE owner = ? ORDER BY name", (owner,)).fetchall()
+        return dict(rows)
+
+    def delete_persona(self, owner: str, name: str) -> bool:
+        with self._write("delete_persona") as db:
+            return db.execute("DELETE FROM personas WHERE owner = ? AND name = ?", (owner, name)).rowcount > 0
+
+    # -- vector tombstones ----------------------------------------------------------------
+
+    def list_tombstones(self) -> list[tuple[str, str]]:
+        with self._read("list_tombstones") as db:
+            return [(r[0], r[1]) for r in db.execute("SELECT session_id, owner FROM tombstones ORDER BY seq")]
+
+    def drop_tombstone(self, session_id: str) -> None:
+        with self._write("drop_tombstone") as db:
+            db.execute("DELETE FROM tombstones WHERE session_id = ?", (session_id,))
+
+    # -- leases ---------------------------------------------------------------------------
+    # Wall-clock expiry: every process sharing a SQLite file runs on the same host.
+
+    def acquire_lease(self, name: str, ttl_ms: int) -> int | None:
+        now = time.time()
+        with self._write("acquire_lease") as db:
+            row = db.execute("SELECT token, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[1] > now:
+                return None
+            token = (row[0] if row else 0) + 1
+            db.execute(
+                "INSERT INTO leases (name, token, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at",
+                (name, token, now + ttl_ms / 1000),
+            )
+        return token
+
+    def renew_lease(self, name: str, token: int, ttl_ms: int) -> bool:
+        with self._write("renew_lease") as db:
+            # the token alone decides: an expired lease nobody took since is still ours to keep
+            return db.execute(
+                "UPDATE leases SET expires_at = ? WHERE name = ? AND token = ?", (time.time() + ttl_ms / 1000, name, token)
+            ).rowcount > 0
+
+    def release_lease(self, name: str, token: int) -> None:
+        with self._write("release_lease") as db:
+            db.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND token = ?", (name, token))
 
     # -- lifecycle ------------------------------------------------------------------------
 

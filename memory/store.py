@@ -153,6 +153,39 @@ class Store(Protocol):
 
     def put_state(self, session_id: str, key: str, value: dict[str, Any]) -> None: ...  # SessionNotFound
 
+    def cas_state(
+        self, session_id: str, key: str, expected: dict[str, Any] | None, value: dict[str, Any]
+    ) -> bool: ...
+    # put_state only if the stored state still equals `expected` (None: absent); False when it
+    # changed meanwhile (another process folded first). SessionNotFound.
+
+    # -- personas written through the API; persona/registry.py decides who may write which.
+    # Owner "" holds the shared ones an admin wrote; every replica sees the same set.
+
+    def put_persona(self, owner: str, name: str, text: str) -> None: ...
+
+    def get_persona(self, owner: str, name: str) -> str | None: ...
+
+    def list_personas(self, owner: str) -> dict[str, str]: ...  # name -> persona file text
+
+    def delete_persona(self, owner: str, name: str) -> bool: ...
+
+    # -- vector tombstones: delete_session leaves (session_id, owner) in the same transaction;
+    # whoever deletes the session's vectors from Chroma drops it (memory/vector_store.py).
+
+    def list_tombstones(self) -> list[tuple[str, str]]: ...  # (session_id, owner)
+
+    def drop_tombstone(self, session_id: str) -> None: ...
+
+    # -- leases: one holder across every process on this store (memory/leases.py)
+
+    def acquire_lease(self, name: str, ttl_ms: int) -> int | None: ...
+    # a fencing token (increasing per name) or None while another holder's lease is unexpired
+
+    def renew_lease(self, name: str, token: int, ttl_ms: int) -> bool: ...  # False: lost it
+
+    def release_lease(self, name: str, token: int) -> None: ...  # only if `token` still holds it
+
     def ping(self) -> None: ...
 
     def close(self) -> None: ...

@@ -291,6 +291,89 @@ def test_concurrent_appends_from_processes_each_stored_once_in_total_order(store
     assert switches > 2, "the writers ran one after another: this run tested no concurrency"
 
 
+# -- personas, tombstones, leases, compare-and-set (issue 10) -----------------------------
+
+
+def test_personas_are_kept_per_owner_and_shared_under_the_empty_owner(store):
+    store.put_persona("alice", "chef", "---\nname: chef\n---\n" + KOREAN)
+    store.put_persona("", "house", "shared")
+    store.put_persona("alice:x", "chef", "another owner whose name extends alice's")
+    assert store.get_persona("alice", "chef").endswith(KOREAN)
+    assert store.get_persona("bob", "chef") is None
+    assert store.list_personas("alice") == {"chef": store.get_persona("alice", "chef")}
+    assert store.list_personas("") == {"house": "shared"}
+    store.put_persona("alice", "chef", "replaced")
+    assert store.get_persona("alice", "chef") == "replaced"
+    assert store.delete_persona("alice", "chef") is True
+    assert store.delete_persona("alice", "chef") is False
+    assert store.list_personas("alice") == {} and store.get_persona("alice:x", "chef")
+
+
+def test_deleting_a_session_leaves_a_tombstone_until_dropped(store):
+    s = new_session(store, owner="alice")
+    keep = new_session(store, owner="bob")
+    assert store.list_tombstones() == []
+    assert store.delete_session(s.id) is True
+    assert store.delete_session(s.id) is False  # nothing new for an unknown id
+    assert store.list_tombstones() == [(s.id, "alice")]
+    store.drop_tombstone(s.id)
+    assert store.list_tombstones() == [] and store.get_session(keep.id) is not None
+
+
+def test_a_lease_has_one_holder_and_a_larger_token_after_it_expires(store):
+    first = store.acquire_lease("turn:s1", 150)
+    assert first is not None and store.acquire_lease("turn:s1", 150) is None
+    assert store.acquire_lease("turn:s2", 150) is not None  # names are independent
+    assert store.renew_lease("turn:s1", first, 150) is True
+    time.sleep(0.3)  # the holder died: no renewal
+    second = store.acquire_lease("turn:s1", 10_000)
+    assert second is not None and second > first
+    assert store.renew_lease("turn:s1", first, 10_000) is False  # the stale holder cannot renew ...
+    store.release_lease("turn:s1", first)  # ... nor release the new holder's lease
+    assert store.acquire_lease("turn:s1", 10_000) is None
+    store.release_lease("turn:s1", second)
+    third = store.acquire_lease("turn:s1", 10_000)
+    assert third is not None and third > second
+
+
+def test_lease_is_exclusive_across_processes_contending_at_once(store_spec):
+    code = (
+        "import sys; from memory.store import open_store; "
+        "s = open_store(sys.argv[1], prefix=sys.argv[2]); print(s.acquire_lease('fold:x', 60000) is not None)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, store_spec.url, store_spec.prefix], cwd=REPO,
+                         stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    won = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(won) == ["False", "False", "False", "True"], won
+
+
+def test_cas_state_writes_only_over_the_expected_value(store):
+    s = new_session(store)
+    assert store.cas_state(s.id, "summary", None, {"count": 2, "text": "a"}) is True
+    assert store.cas_state(s.id, "summary", None, {"count": 2, "text": "b"}) is False  # someone folded first
+    assert store.cas_state(s.id, "summary", {"text": "a", "count": 2}, {"count": 4, "text": "ab"}) is True
+    assert store.get_state(s.id, "summary") == {"count": 4, "text": "ab"}
+    with pytest.raises(SessionNotFound):
+        store.cas_state("sess_missing", "summary", None, {"count": 1})
+
+
+def test_lease_helper_renews_while_held_and_frees_on_release(store):
+    from memory.leases import Lease
+
+    lease = Lease.acquire(store, "turn:held", ttl_ms=300)
+    assert lease is not None
+    time.sleep(0.8)  # well past one TTL: only renewal keeps it
+    assert Lease.acquire(store, "turn:held", ttl_ms=300) is None and not lease.lost
+    lease.release()
+    lease.release()  # idempotent: routes release on every exit path
+    again = Lease.acquire(store, "turn:held", ttl_ms=300)
+    assert again is not None
+    again.release()
+
+
 # -- failures ------------------------------------------------------------------------------
 
 
