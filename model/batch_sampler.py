@@ -4,7 +4,8 @@
     picks[i] == (token, logprob | None, top_logprobs | None)
 
 Each row gives the same token `model.sampling.sample()` would give it alone with the same
-generator: processors and penalties run per row (only rows that have them), then greedy rows take
+generator: processors and penalties run per row (only rows that have them), DRY in one pass over the rows
+that use it (`apply_dry`: per-row parameters and contexts, no text decoding), then greedy rows take
 one batched argmax and sampled rows share one vectorised temperature / top-k / top-p / min-p pass;
 the draw itself uses each row's own `torch.Generator`, so a seed means the same reply whatever
 else is in the batch.
@@ -19,11 +20,12 @@ import torch
 from model.sampling import (
     LogitsProcessor,
     SamplingParams,
+    apply_dry,
     apply_processors,
     mask_min_p,
     mask_top_k,
     mask_top_p,
-    penalize,
+    penalize_counts,
     token_logprobs,
 )
 
@@ -43,7 +45,10 @@ def _row_scores(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
         if r.processors:
             scores[i] = apply_processors(r.processors, r.generated, scores[i].clone())
         if r.params.penalized:
-            scores[i] = penalize(scores[i], r.params, r.context, r.generated)
+            scores[i] = penalize_counts(scores[i], r.params, r.context, r.generated)
+    dry = [i for i, r in enumerate(rows) if r.params.dry]
+    if dry:  # one vectorised pass for every DRY row, after the per-row penalties as in penalize()
+        scores[dry] = apply_dry(scores[dry], [rows[i].params for i in dry], [rows[i].context for i in dry])
     return scores
 
 

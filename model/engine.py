@@ -18,6 +18,7 @@ only blocks ever shared across owners. Unused blocks are evicted least recently 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from model.paged_cache import BlockPool
-from model.sampling import LogitsProcessor, SamplingParams, StopMatcher
+from model.sampling import LogitsProcessor, SamplingParams, StopMatcher, dry_breaker_ids
 from model.scheduler import MAX_BATCH, PREFILL_CHUNK, Scheduler
 from model.sequence import Sequence
 
@@ -82,6 +83,7 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._breakers: dict[tuple[str, ...], tuple[int, ...]] = {}  # DRY breaker strings -> ids
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -92,7 +94,7 @@ class Engine:
         prefix, whose blocks may be shared with other owners; everything else is reused only by
         the same `owner`. Bad input raises here, before iteration; closing the iterator early
         cancels the request."""
-        params = params or SamplingParams()
+        params = self._with_dry_breakers(params or SamplingParams())
         prompt = self._check_prompt(prompt_ids, prefix_len)
         seq = Sequence(prompt, params, owner=owner or "", session_id=session_id, prefix_len=prefix_len or 0,
                        processors=list(logits_processors), should_stop=should_stop)
@@ -110,6 +112,21 @@ class Engine:
             if ev.finished:
                 return Completion("".join(parts), ids, ev.finish_reason, ev.usage)
         raise RuntimeError("generation ended without a final event")  # unreachable
+
+    def _with_dry_breakers(self, params: SamplingParams) -> SamplingParams:
+        """DRY's sequence breakers as token ids of this vocabulary (computed once per breaker set)."""
+        if not params.dry or params.dry_breaker_ids:
+            return params
+        key = tuple(params.dry_sequence_breakers)
+        ids = self._breakers.get(key)
+        if ids is None:
+            tok = self.lm.tokenizer
+            specials = set(getattr(getattr(tok, "specials", None), "ids", {}).values())
+            ids = dry_breaker_ids(tok.vocab_texts(), key, set(tok.eos_ids) | specials)
+            if len(self._breakers) >= 16:  # a client sending ever new breaker lists must not grow memory
+                self._breakers.clear()
+            self._breakers[key] = ids
+        return dataclasses.replace(params, dry_breaker_ids=ids)
 
     def drop_session(self, session_id: str) -> bool:
         with self._cond:

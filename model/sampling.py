@@ -5,8 +5,8 @@
     token = sample(logits, params, gen, prev_ids, generated)   # logits: (vocab,) float32
 
 The order of transforms: `penalize()` (HF repetition penalty over the whole context, OpenAI
-presence/frequency penalties over the reply so far, `logit_bias`), then temperature, top-k,
-top-p, min-p; temperature 0 is greedy (argmax, no randomness). Log-probabilities
+presence/frequency penalties over the reply so far, `logit_bias`, DRY over the context), then
+temperature, top-k, top-p, min-p; temperature 0 is greedy (argmax, no randomness). Log-probabilities
 (`token_logprobs`) are taken after `penalize()` and before temperature, as vLLM reports them.
 Randomness comes only from the explicit `torch.Generator`, so one seed gives one reply whatever
 else runs in the process (the batched sampler in model/batch_sampler.py keeps one per row).
@@ -23,6 +23,8 @@ import torch
 # (token ids generated so far in this reply, next-token logits (vocab,) float32) -> new logits
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 MAX_LOGPROBS = 20  # top alternatives per token, OpenAI's limit
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default dry_sequence_breakers
+DRY_MAX_MATCH = 64  # longest repeat DRY looks for: at 64 its penalty is already beyond any logit
 
 
 @dataclass
@@ -39,6 +41,17 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the reply
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k alternatives
+    # DRY ("don't repeat yourself", llama.cpp / SillyTavern semantics): a token that would extend a
+    # sequence already in the last `dry_penalty_last_n` context tokens (-1: all) by a match of
+    # n >= dry_allowed_length tokens loses dry_multiplier * dry_base ** (n - dry_allowed_length).
+    dry_multiplier: float = 0.0  # 0.0: off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1  # -1: the whole context, 0: off
+    dry_sequence_breakers: list[str] = field(default_factory=lambda: list(DRY_BREAKERS))
+    # ids of the tokens holding a breaker (+ EOS/specials): matches never cross them and they are
+    # never penalised; filled from dry_sequence_breakers by the engine (`with_dry_breakers`)
+    dry_breaker_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> ValueError:
@@ -71,12 +84,32 @@ class SamplingParams:
             raise bad("logit_bias", self.logit_bias, "values must be in [-100, 100]")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        self._check_dry(bad)
+
+    def _check_dry(self, bad: Callable[[str, object, str], ValueError]) -> None:
+        if not 0.0 <= self.dry_multiplier <= 100.0:
+            raise bad("dry_multiplier", self.dry_multiplier, "must be in [0, 100] (0 turns DRY off)")
+        if not 1.0 < self.dry_base <= 8.0:
+            raise bad("dry_base", self.dry_base, "must be in (1, 8]")
+        if not isinstance(self.dry_allowed_length, int) or self.dry_allowed_length < 1:
+            raise bad("dry_allowed_length", self.dry_allowed_length, "must be an integer >= 1")
+        if not isinstance(self.dry_penalty_last_n, int) or self.dry_penalty_last_n < -1:
+            raise bad("dry_penalty_last_n", self.dry_penalty_last_n, "must be an integer >= -1 (-1: whole context)")
+        self.dry_sequence_breakers = list(self.dry_sequence_breakers)
+        if not all(isinstance(b, str) and b for b in self.dry_sequence_breakers):
+            raise bad("dry_sequence_breakers", self.dry_sequence_breakers, "must be a list of non-empty strings")
+        self.dry_breaker_ids = tuple(int(i) for i in self.dry_breaker_ids)
 
     @property
     def penalized(self) -> bool:
         """Whether `penalize()` changes anything for these parameters."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or bool(self.logit_bias))
+                or bool(self.logit_bias) or self.dry)
+
+    @property
+    def dry(self) -> bool:
+        """Whether the DRY penalty is on."""
+        return self.dry_multiplier > 0.0 and self.dry_penalty_last_n != 0
 
     @property
     def greedy(self) -> bool:
@@ -132,10 +165,79 @@ def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tens
 def penalize(logits: torch.Tensor, params: SamplingParams, context: Sequence[int] = (),
              generated: Sequence[int] = ()) -> torch.Tensor:
     """Every transform that does not depend on temperature: repetition penalty (whole context),
-    presence/frequency penalties (the reply), logit bias."""
+    presence/frequency penalties (the reply), logit bias, DRY (the context)."""
+    logits = penalize_counts(logits, params, context, generated)
+    if params.dry:
+        logits = apply_dry(logits[None], [params], [context])[0]
+    return logits
+
+
+def penalize_counts(logits: torch.Tensor, params: SamplingParams, context: Sequence[int] = (),
+                    generated: Sequence[int] = ()) -> torch.Tensor:
+    """`penalize()` without DRY (which the batched sampler runs for all rows at once)."""
     logits = apply_repetition_penalty(logits, context, params.repetition_penalty)
     logits = apply_presence_frequency(logits, generated, params.presence_penalty, params.frequency_penalty)
     return apply_logit_bias(logits, params.logit_bias)
+
+
+def dry_breaker_ids(vocab_texts: Sequence[str], breakers: Iterable[str], special_ids: Iterable[int] = ()) -> tuple[int, ...]:
+    """Ids of the tokens whose text holds a sequence breaker, plus `special_ids` (EOS, turn markers):
+    DRY must never stop a turn from ending because earlier turns ended the same way."""
+    breakers = [b for b in breakers if b]
+    ids = {i for i, t in enumerate(vocab_texts) if t == "" or any(b in t for b in breakers)}
+    return tuple(sorted(ids | {int(i) for i in special_ids}))
+
+
+def _dry_window(contexts: Sequence[Sequence[int]], params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' last `dry_penalty_last_n` context tokens, left-padded to one length (R, N), and
+    which of them are breakers. Each pad gets its own negative value: pads never match anything."""
+    tails = [list(c) if p.dry_penalty_last_n < 0 else list(c)[-p.dry_penalty_last_n:] for c, p in zip(contexts, params, strict=True)]
+    n = max(1, max(len(t) for t in tails))
+    pad = -1 - torch.arange(n, dtype=torch.long)
+    x = pad.repeat(len(tails), 1)
+    for r, t in enumerate(tails):
+        if t:
+            x[r, n - len(t):] = torch.tensor(t, dtype=torch.long)
+    breaker = torch.stack([torch.isin(x[r], torch.tensor(p.dry_breaker_ids, dtype=torch.long))
+                           for r, p in enumerate(params)])
+    return x.to(device), breaker.to(device)
+
+
+def dry_match_lengths(x: torch.Tensor, breaker: torch.Tensor) -> torch.Tensor:
+    """m (R, N-1): m[r, i] is how many tokens ending at position i equal the row's last tokens
+    (x[r, i-k] == x[r, N-1-k] for k < m), never through a breaker. So x[r, i+1] is the token that
+    would repeat a sequence of m[r, i] tokens. One vectorised compare per match length, stopping
+    at the first length no row reaches (repeats are short unless the text is degenerating)."""
+    rows, n = x.shape
+    lengths = torch.zeros(rows, max(0, n - 1), dtype=torch.long, device=x.device)
+    alive = torch.ones_like(lengths, dtype=torch.bool)
+    padded = torch.cat([-(n + 1) - torch.arange(DRY_MAX_MATCH, device=x.device).repeat(rows, 1), x], dim=1)
+    for k in range(min(n - 1, DRY_MAX_MATCH)):
+        left = padded[:, DRY_MAX_MATCH - k : DRY_MAX_MATCH - k + n - 1]  # x[i-k] for every i
+        right = x[:, n - 1 - k : n - k]  # x[N-1-k], the same for every i
+        alive &= (left == right) & ~breaker[:, n - 1 - k : n - k]
+        if not alive.any():
+            break
+        lengths += alive
+    return lengths
+
+
+def apply_dry(scores: torch.Tensor, params: list[SamplingParams], contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """DRY for rows of `scores` (R, V), each with its own parameters and context (see
+    SamplingParams): the longest repeat each candidate token would extend, then its penalty."""
+    x, breaker = _dry_window(contexts, params, scores.device)
+    lengths = dry_match_lengths(x, breaker)
+    if lengths.numel() == 0:
+        return scores
+    nxt = x[:, 1:]
+    lengths = lengths * ((nxt >= 0) & ~breaker[:, 1:])  # pads and breakers are never penalised
+    longest = torch.zeros(scores.shape, dtype=torch.long, device=scores.device)
+    longest.scatter_reduce_(1, nxt.clamp(min=0), lengths, reduce="amax")
+    mult, base, allowed = (torch.tensor([getattr(p, f) for p in params], dtype=torch.float32, device=scores.device)[:, None]
+                           for f in ("dry_multiplier", "dry_base", "dry_allowed_length"))
+    over = longest.float() - allowed
+    penalty = torch.where(over >= 0, mult * base ** over.clamp(max=DRY_MAX_MATCH), 0.0)
+    return scores - penalty
 
 
 def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:

@@ -358,3 +358,13 @@ def test_bench_gpu_section_runs_small_on_cpu():
                       shape=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96), modes=("eager",))
     assert out["eager_decode_tok_s"] > 0
     assert out["bound_tok_s"] == pytest.approx(10e9 / out["weight_bytes"])
+
+
+def test_dry_breakers_become_token_ids_of_the_vocabulary_and_generation_runs(lm):
+    eng = engine(lm)
+    p = eng._with_dry_breakers(SamplingParams(temperature=0.0, max_tokens=6, dry_multiplier=2.0))
+    assert {10, ord(":"), ord('"'), ord("*")} <= set(p.dry_breaker_ids)  # byte tokens of the breakers
+    assert lm.tokenizer.eos_ids <= set(p.dry_breaker_ids)  # turns may always end
+    assert eng._with_dry_breakers(SamplingParams()).dry_breaker_ids == ()  # off: nothing computed
+    out = eng.complete(ids(30, 1), SamplingParams(temperature=0.0, max_tokens=6, dry_multiplier=2.0))
+    assert len(out.token_ids) >= 1

@@ -12,6 +12,7 @@ from model.sampling import (
     mask_min_p,
     mask_top_k,
     mask_top_p,
+    penalize,
     sample,
 )
 
@@ -196,3 +197,101 @@ def test_batched_rows_sample_what_each_row_samples_alone():
         batched = [t for t, _lp, _top in sample_rows(logits, rows)]
         alone = [sample(logits[i], p, make_generator(seed + i), [1, 2], [2]) for i, p in enumerate(params)]
         assert batched == alone
+
+
+# ---------------------------------------------------------------- DRY
+
+
+def dry(**kw) -> SamplingParams:
+    kw.setdefault("dry_multiplier", 1.0)
+    return SamplingParams(temperature=0.0, **kw)
+
+
+def test_dry_penalises_the_token_that_extends_a_repeat_by_llama_cpp_formula():
+    # ... 1 2 3 4 ... 1 2 3 -> 4 would repeat a 3-token match: 0.8 * 1.75 ** (3 - 2)
+    out = penalize(torch.zeros(10), dry(dry_multiplier=0.8), [1, 2, 3, 4, 5, 1, 2, 3])
+    want = torch.zeros(10)
+    want[4] = -0.8 * 1.75
+    assert torch.allclose(out, want)
+    # a match shorter than dry_allowed_length costs nothing
+    assert torch.equal(penalize(torch.zeros(10), dry(dry_allowed_length=4), [1, 2, 3, 4, 5, 1, 2, 3]), torch.zeros(10))
+    assert not SamplingParams().dry and not dry(dry_penalty_last_n=0).dry
+
+
+def test_dry_matches_stop_at_breakers_and_breakers_are_never_penalised():
+    p = dry(dry_breaker_ids=(9,))
+    # the earlier "1 2 3" is followed by breaker 9: 9 stays free (turns can still end alike)
+    out = penalize(torch.zeros(10), p, [1, 2, 3, 9, 7, 1, 2, 3])
+    assert torch.equal(out, torch.zeros(10))
+    # "5 9 1 2 3 4": the match through 9 stops there, so 4 is penalised for 3 tokens, not 5
+    out = penalize(torch.zeros(10), p, [5, 9, 1, 2, 3, 4, 8, 5, 9, 1, 2, 3])
+    assert torch.isclose(out[4], torch.tensor(-1.75))
+
+
+def test_dry_only_looks_at_the_last_n_tokens():
+    ctx = [1, 2, 3, 4, 7, 8, 5, 6, 1, 2, 3]
+    assert penalize(torch.zeros(10), dry(), ctx)[4] < 0
+    assert penalize(torch.zeros(10), dry(dry_penalty_last_n=6), ctx)[4] == 0
+
+
+def cycling_logits(context: list[int]) -> torch.Tensor:
+    """A scripted 'model' that loves to loop: it prefers the token that followed the last token the
+    last time (2.0 over the rest), else token (last + 1) % 10. Greedy without DRY repeats forever."""
+    logits = torch.zeros(12)
+    last = context[-1]
+    seen = [context[i + 1] for i in range(len(context) - 1) if context[i] == last]
+    logits[seen[-1] if seen else (last + 1) % 10] = 2.0
+    return logits
+
+
+def greedy_run(params: SamplingParams, steps: int = 40) -> list[int]:
+    ctx = [0, 1, 2, 3]
+    for _ in range(steps):
+        ctx.append(sample(cycling_logits(ctx), params, None, ctx, ctx[4:]))
+    return ctx[4:]
+
+
+def distinct_ngram_share(tokens: list[int], n: int = 4) -> float:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams)
+
+
+def test_dry_breaks_a_loop_that_greedy_decoding_falls_into():
+    plain = greedy_run(SamplingParams(temperature=0.0))
+    assert distinct_ngram_share(plain) < 0.3  # the loop 4 5 ... 9 0 1 2 3 over and over
+    with_dry = greedy_run(dry(dry_multiplier=1.0, dry_allowed_length=2))
+    assert distinct_ngram_share(with_dry) > 0.6
+    longest = max(n for n in range(1, 20) if any(
+        with_dry[i : i + n] == with_dry[j : j + n] for i in range(len(with_dry)) for j in range(i + 1, len(with_dry) - n + 1)))
+    assert longest <= 4  # no repeat beyond allowed_length + a couple of tokens
+
+
+def test_dry_rows_in_a_batch_match_each_row_alone():
+    from model.batch_sampler import RowSampling, sample_rows
+
+    logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(5))
+    contexts = [[1, 2, 3, 4, 1, 2, 3], [5, 6, 5, 6, 5], [7, 8, 9], [1, 2, 1, 2, 1, 2, 1]]
+    params = [SamplingParams(temperature=0.0, dry_multiplier=3.0),
+              SamplingParams(temperature=0.9, dry_multiplier=1.0, dry_base=2.0, dry_breaker_ids=(6,)),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.7, dry_multiplier=0.5, dry_allowed_length=1, dry_penalty_last_n=4)]
+    rows = [RowSampling(p, make_generator(i), c, c[-2:]) for i, (p, c) in enumerate(zip(params, contexts, strict=True))]
+    batched = sample_rows(logits, rows)
+    for i, (p, c) in enumerate(zip(params, contexts, strict=True)):
+        assert batched[i][0] == sample(logits[i], p, make_generator(i), c, c[-2:])
+
+
+@pytest.mark.parametrize("kw, field", [({"dry_multiplier": -1.0}, "dry_multiplier"), ({"dry_base": 1.0}, "dry_base"),
+                                       ({"dry_allowed_length": 0}, "dry_allowed_length"),
+                                       ({"dry_penalty_last_n": -2}, "dry_penalty_last_n"),
+                                       ({"dry_sequence_breakers": [""]}, "dry_sequence_breakers")])
+def test_bad_dry_params_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**kw)
+
+
+def test_breaker_ids_hold_the_breaker_strings_and_the_specials():
+    from model.sampling import dry_breaker_ids
+
+    texts = ["a", "b:", "\n\n", "", "cd", 'x"']
+    assert dry_breaker_ids(texts, ["\n", ":", '"'], special_ids=[4]) == (1, 2, 3, 4, 5)
