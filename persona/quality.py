@@ -1,0 +1,248 @@
+"""Is a finished reply fit to show and store? Pure checks on text: leaked instructions, degeneration.
+
+    leak = find_leak(reply, instructions)        # Leak(start, what) or None: where the reply began to
+    reply[: leak.start]                          #   echo the prompt's notes / markers: cut it there
+    problems = degeneration(reply, earlier, "ko", names={"지우", "아빠"})
+    # [] or some of: "repeated_phrase", "few_distinct_pairs", "copied_reply", "foreign_script"
+
+Small base models (gemma-3-270m) copy what sits right before their turn, the "[System note: ...]"
+after the user's line included, and loop on a phrase or on an earlier reply of theirs; nothing in
+the sampler can promise they won't, so every reply passes these checks before it is stored
+(service/reply_check.py, persona/measure_quality.py). Words are runs of letters (any script) or
+digits; a word pair is two adjacent words.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+# What the prompt wraps its notes in (memory/context.py, persona/prompt.py) and the chat templates'
+# turn markers: a reply that writes one of these is writing the prompt, not answering.
+CARRIER_MARKERS = (
+    "[System note", "System note:", "[Memory", "[Core memory", "[The conversation starts",
+    "(기억해:", "(기억하세요:", "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>",
+    "<|start_header_id|>", "<|eot_id|>",
+)
+LEAK_WORDS = 3  # an instruction's run of this many words in a reply is an echo, not a coincidence
+REPEAT_TIMES = 4  # a phrase this many times is a loop
+MIN_PAIRS = 6  # fewer word pairs than this: too short to judge distinctness or copying
+_WORD_RE = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Leak:
+    start: int  # character offset in the reply where the echo begins
+    what: str  # the marker, or the instruction words that were echoed
+
+
+def words(text: str) -> list[str]:
+    return _WORD_RE.findall(text.lower())
+
+
+def _word_spans(text: str) -> list[tuple[int, str]]:
+    return [(m.start(), m.group().lower()) for m in _WORD_RE.finditer(text)]
+
+
+def find_leak(reply: str, instructions: Iterable[str] = (), markers: Iterable[str] = ()) -> Leak | None:
+    """The earliest point where `reply` writes a carrier marker (CARRIER_MARKERS + `markers`, e.g.
+    "\n아빠:" — the user's next line) or LEAK_WORDS consecutive words of one of `instructions` (an
+    instruction shorter than that: all of its words; the echo is cut from its bracket or line start)."""
+    found = [Leak(i, m) for m in (*CARRIER_MARKERS, *markers) if m and (i := reply.find(m)) >= 0]
+    spans = _word_spans(reply)
+    reply_words = [w for _, w in spans]
+    for text in instructions:
+        inst = words(text)
+        n = min(LEAK_WORDS, len(inst))
+        if n < 2:  # one word is no evidence of copying
+            continue
+        grams = {tuple(inst[i : i + n]) for i in range(len(inst) - n + 1)}
+        for i in range(len(reply_words) - n + 1):
+            if tuple(reply_words[i : i + n]) in grams:
+                found.append(Leak(_line_start(reply, spans[i][0]), " ".join(reply_words[i : i + n])))
+                break
+    return min(found, key=lambda leak: leak.start) if found else None
+
+
+def _line_start(text: str, pos: int) -> int:
+    """Back up to the start of the echo's bracket or line ("[지시: 지우는 ..." is cut at "[")."""
+    for opener in ("[", "(", "\n"):
+        j = text.rfind(opener, 0, pos)
+        if j >= 0 and "\n" not in text[j + 1 : pos] and not _SENTENCE_END.search(text[j:pos]):
+            return j
+    return pos
+
+
+_SENTENCE_END = re.compile(r"[.!?。]\s")
+
+
+def cut_leak(reply: str, leak: Leak | None) -> str:
+    """The reply before the echo, without trailing separators ("응, 알겠어!\n\n[System" -> "응, 알겠어!")."""
+    if leak is None:
+        return reply
+    return reply[: leak.start].rstrip(" \t\n-*:[(")
+
+
+# ---------------------------------------------------------------- degeneration
+
+
+def pairs(ws: Sequence[str]) -> list[tuple[str, str]]:
+    return list(zip(ws, ws[1:], strict=False))
+
+
+def repeated_phrase(ws: Sequence[str], times: int = REPEAT_TIMES) -> str | None:
+    """A phrase of 2-4 words that occurs `times` or more, or one word `times` in a row ("아빠, 아빠, ...")."""
+    for n in (4, 3, 2):
+        grams = Counter(tuple(ws[i : i + n]) for i in range(len(ws) - n + 1))
+        phrase, count = grams.most_common(1)[0] if grams else ((), 0)
+        if count >= times and len(set(phrase)) > 1:  # "아빠 아빠" is the one-word run below
+            return " ".join(phrase)
+    run = 1
+    for a, b in zip(ws, ws[1:], strict=False):
+        run = run + 1 if a == b else 1
+        if run >= times:
+            return a
+    return None
+
+
+def distinct_pair_share(ws: Sequence[str]) -> float:
+    ps = pairs(ws)
+    return len(set(ps)) / len(ps) if ps else 1.0
+
+
+def copied_share(ws: Sequence[str], earlier: Iterable[str]) -> float:
+    """The largest share of this reply's word pairs found in any one earlier reply."""
+    ps = pairs(ws)
+    if not ps:
+        return 0.0
+    best = 0.0
+    for text in earlier:
+        theirs = set(pairs(words(text)))
+        best = max(best, sum(p in theirs for p in ps) / len(ps))
+    return best
+
+
+def script_of(ch: str) -> str | None:
+    """hangul | kana | han | latin | cyrillic | other letter | None (not a letter)."""
+    if not ch.isalpha():
+        return None
+    code = ord(ch)
+    if 0xAC00 <= code <= 0xD7A3 or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F:
+        return "hangul"
+    if 0x3040 <= code <= 0x30FF or 0x31F0 <= code <= 0x31FF or 0xFF66 <= code <= 0xFF9D:
+        return "kana"
+    if 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF:
+        return "han"
+    name = unicodedata.name(ch, "")
+    for script in ("LATIN", "CYRILLIC", "GREEK", "ARABIC", "HEBREW", "THAI", "DEVANAGARI"):
+        if name.startswith(script):
+            return script.lower()
+    return "other"
+
+
+ALLOWED_SCRIPTS = {"ko": {"hangul"}, "ja": {"kana", "han"}, "zh": {"han"}, "ru": {"cyrillic"}}
+
+
+def foreign_words(text: str, language: str, names: Iterable[str] = ()) -> list[str]:
+    """Words in a script the persona's `language` does not write. Korean: Hangul only (no kana, no
+    hanja), Latin only for `names` (the persona's, the user's, words its own file spells in Latin);
+    other languages: Latin (plus their own script for the few listed in ALLOWED_SCRIPTS)."""
+    allowed = ALLOWED_SCRIPTS.get(language.split("-")[0], set()) | ({"latin"} if language != "ko" else set())
+    ok_names = {n.lower() for n in names}
+    out = []
+    for w in words(text):
+        scripts = {s for s in map(script_of, w) if s}
+        if scripts - allowed and not (w in ok_names and scripts <= {"latin", "hangul"}):
+            out.append(w)
+    return out
+
+
+def degeneration(reply: str, earlier: Sequence[str] = (), language: str = "en",
+                 names: Iterable[str] = ()) -> list[str]:
+    """Why `reply` is degenerate ([] if it is not): a phrase repeated REPEAT_TIMES+ times, fewer than
+    half of its word pairs distinct, most of its word pairs copied from one earlier reply, or words
+    in another script than the persona's language."""
+    ws = words(reply)
+    problems = []
+    if repeated_phrase(ws):
+        problems.append("repeated_phrase")
+    if len(ws) > MIN_PAIRS and distinct_pair_share(ws) < 0.5:
+        problems.append("few_distinct_pairs")
+    if len(ws) > MIN_PAIRS // 2 and copied_share(ws, earlier) > 0.5:
+        problems.append("copied_reply")
+    if foreign_words(reply, language, names):
+        problems.append("foreign_script")
+    return problems
+
+
+def cut_repetition(reply: str) -> str:
+    """The reply up to where its repeated phrase comes back the second time: the last resort when
+    no regeneration came back clean ("응, 어미 짱아, 어미 짱아, 어미 짱아!" -> "응, 어미 짱아")."""
+    spans = _word_spans(reply)
+    ws = [w for _, w in spans]
+    phrase = repeated_phrase(ws)
+    if phrase is None:
+        return reply
+    n = len(phrase.split())
+    hits = [i for i in range(len(ws) - n + 1) if " ".join(ws[i : i + n]) == phrase]
+    return reply[: spans[hits[1]][0]].rstrip(" ,;·-") if len(hits) > 1 else reply
+
+
+# ---------------------------------------------------------------- the policy around a reply
+
+
+@dataclass
+class ReplyRules:
+    """What a reply is checked against: the instructions it must not echo, the turn markers it must
+    not write, the replies it must not copy, the persona's language and the names it may spell."""
+
+    instructions: Sequence[str] = ()
+    markers: Sequence[str] = ()
+    earlier: Sequence[str] = ()
+    language: str = "en"
+    names: Sequence[str] = ()
+
+    def problems(self, reply: str) -> tuple[str, list[str]]:
+        """(the reply with any leak cut off, what is still wrong with it: "leak_only" when nothing
+        but the echo was there, then the degeneration reasons)."""
+        leak = find_leak(reply, self.instructions, self.markers)
+        text = cut_leak(reply, leak)
+        if leak is not None and not words(text):
+            return text, ["leak_only"]
+        return text, degeneration(text, self.earlier, self.language, self.names)
+
+
+@dataclass
+class Settled:
+    text: str  # what to show and store: never an echo of the instructions
+    metadata: dict
+
+
+def settle(reply: str, rules: ReplyRules, regenerate=None, max_retries: int = 2) -> Settled:
+    """Cut any leaked instruction, then regenerate a degenerate reply (`regenerate(attempt)` returns
+    a fresh whole reply, or "" when it may not run) up to `max_retries` times; keep the first clean
+    one, else the least bad (fewest problems, a looping phrase cut). The metadata says what happened."""
+    text, problems = rules.problems(reply)
+    meta: dict = {}
+    if text != reply.strip() and find_leak(reply, rules.instructions, rules.markers):
+        meta["leak_cut"] = True
+    best, best_problems, tries = text, problems, 0
+    while best_problems and regenerate is not None and tries < max_retries:
+        tries += 1
+        fresh = regenerate(tries)
+        if not fresh:
+            break
+        cand, cand_problems = rules.problems(fresh)
+        if len(cand_problems) < len(best_problems):
+            best, best_problems = cand, cand_problems
+    if tries:
+        meta["quality_regenerations"] = tries
+    if "repeated_phrase" in best_problems:
+        best = cut_repetition(best)
+        meta["repetition_cut"] = True
+    if best_problems:
+        meta["quality"] = best_problems
+    return Settled(best, meta)

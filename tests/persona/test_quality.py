@@ -1,0 +1,83 @@
+"""persona/quality.py: leaked instructions, degeneration, script drift, and the settle() policy."""
+
+from persona.quality import (
+    ReplyRules,
+    copied_share,
+    cut_leak,
+    cut_repetition,
+    degeneration,
+    find_leak,
+    foreign_words,
+    settle,
+    words,
+)
+
+NOTE = "지우는 아빠에게 반말로 다정하게 짧게 대답한다."
+# what gemma-3-270m wrote with the daughter-ko persona (issue 15)
+ECHOED = "응, 어미 짱아, 어미 짱아, 어미 짱아, 어미 짱아!\n\n[System note: 지우는 아빠에게 반말로 대답한다.]"
+MIXED = "응, 아빠가 지금 취준생, 장충만 특별한 건 없다. angeboten / これからも, 월요일, 2주째. implementación"
+
+
+def test_the_marked_note_is_found_and_cut():
+    leak = find_leak(ECHOED, [NOTE])
+    assert leak is not None and leak.what == "[System note"
+    assert cut_leak(ECHOED, leak) == "응, 어미 짱아, 어미 짱아, 어미 짱아, 어미 짱아!"
+
+
+def test_a_paraphrased_unmarked_instruction_is_a_leak_too():
+    leak = find_leak("응 알겠어! 지우는 아빠에게 반말로 대답한다.", [NOTE])
+    assert leak is not None and cut_leak("응 알겠어! 지우는 아빠에게 반말로 대답한다.", leak) == "응 알겠어!"
+    bracketed = "좋아!\n(기억해: 아빠에게는 반말로만 말해.)"
+    assert cut_leak(bracketed, find_leak(bracketed)) == "좋아!"
+    assert find_leak("아빠, 나 내일 갈게!\n아빠: 그래", markers=["\n아빠:"]).start == len("아빠, 나 내일 갈게!")
+
+
+def test_ordinary_replies_do_not_leak():
+    for reply in ["응, 방금 먹었어! 아빠는?", "아빠에게 전화할게.", "토요일에 갈게!"]:
+        assert find_leak(reply, [NOTE]) is None
+
+
+def test_repeated_phrase_and_word_runs_are_degenerate():
+    assert "repeated_phrase" in degeneration("응, 어미 짱아, 어미 짱아, 어미 짱아, 어미 짱아!", language="ko")
+    assert "repeated_phrase" in degeneration("응, 아빠, 아빠, 아빠, 아빠, 좋아", language="ko")
+    assert cut_repetition("응, 어미 짱아, 어미 짱아, 어미 짱아, 어미 짱아!") == "응, 어미 짱아"
+    assert degeneration("응, 방금 먹었어! 아빠는? 또 라면 먹은 거 아니지?", language="ko") == []
+
+
+def test_few_distinct_pairs_and_copying_an_earlier_reply():
+    loop = "the cat sat on the mat the cat sat on the mat the cat sat"
+    assert "few_distinct_pairs" in degeneration(loop)
+    earlier = ["I went to the market and bought apples for the pie today."]
+    assert copied_share(words("I went to the market and bought apples for the pie."), earlier) > 0.9
+    assert "copied_reply" in degeneration("I went to the market and bought apples for the pie.", earlier)
+    assert degeneration("Sure, we can bake it on Sunday afternoon together.", earlier) == []
+
+
+def test_korean_persona_writes_no_kana_and_no_latin_beyond_names():
+    assert foreign_words(MIXED, "ko") == ["angeboten", "これからも", "implementación"]
+    assert "foreign_script" in degeneration(MIXED, language="ko")
+    assert foreign_words("민준이 추천하는 Mocha 어때?", "ko", names=["mocha"]) == []
+    assert foreign_words("Sure, 안녕!", "en") == ["안녕"]
+    assert foreign_words("ok 2주째 ㅋㅋ", "ko") == ["ok"]
+
+
+def test_settle_cuts_the_leak_and_regenerates_what_stays_degenerate():
+    rules = ReplyRules(instructions=[NOTE], language="ko")
+    fresh = iter(["응, 오늘 학교 재밌었어! 아빠는 밥 먹었어?"])
+    out = settle(ECHOED, rules, lambda attempt: next(fresh))
+    assert out.text == "응, 오늘 학교 재밌었어! 아빠는 밥 먹었어?"
+    assert out.metadata["leak_cut"] and out.metadata["quality_regenerations"] == 1
+
+
+def test_settle_never_keeps_a_leak_even_when_every_retry_leaks():
+    rules = ReplyRules(instructions=[NOTE], language="ko")
+    out = settle(ECHOED, rules, lambda attempt: ECHOED, max_retries=2)
+    assert "System note" not in out.text and "대답한다" not in out.text
+    assert out.text == "응, 어미 짱아" and out.metadata["repetition_cut"]
+    only = settle("[System note: " + NOTE + "]", rules, None)
+    assert only.text == "" and only.metadata["quality"] == ["leak_only"]
+
+
+def test_settle_leaves_a_clean_reply_alone():
+    out = settle("응, 방금 먹었어!", ReplyRules(language="ko"), lambda attempt: 1 / 0)
+    assert out.text == "응, 방금 먹었어!" and out.metadata == {}
