@@ -1,7 +1,7 @@
 """Personas: persona files, character cards, prompt assembly and the Korean register guard.
 
     from persona import Persona, PersonaRegistry
-    reg = PersonaRegistry(extra_dir=None, writable_dir=data_dir / "personas")
+    reg = PersonaRegistry(extra_dir=None, local_dir=data_dir / "personas", store=store)
     persona = reg.get("daughter-ko")
 
 Heavier parts are imported from their modules: `persona.prompt.build_prompt_parts`,

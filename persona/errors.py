@@ -48,3 +48,7 @@ class PersonaNotFound(PersonaError, KeyError):
 
 class CardError(PersonaError):
     """A character card (JSON or PNG) that cannot be read."""
+
+
+class PersonaReadOnly(PersonaError):
+    """The name is a shared persona (bundled, a persona directory, or an admin's) this caller may not change."""

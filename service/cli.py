@@ -350,7 +350,7 @@ def _registry(config: Path | None = None) -> Any:
     from persona.registry import PersonaRegistry
 
     settings = settings_or_exit(config)
-    return PersonaRegistry(extra_dir=settings.persona_dir, writable_dir=settings.data_dir / "personas")
+    return PersonaRegistry(extra_dir=settings.persona_dir, local_dir=settings.data_dir / "personas")
 
 
 def _persona_errors() -> tuple[type[Exception], ...]:

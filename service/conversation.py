@@ -144,7 +144,7 @@ class Conversations:
         session_id: str | None = None,
     ) -> Session:
         persona_name = persona or self.settings.persona
-        self.rt.personas.get(persona_name)  # 404 for an unknown persona, before anything is written
+        self.rt.personas.get(persona_name, owner)  # 404 for an unknown (or another user's) persona, before any write
         config = self.check_memory(memory if memory is not None else self.settings.memory)
         return self.store.create_session(owner, persona_name, config, metadata or {}, session_id=session_id)
 
@@ -152,7 +152,7 @@ class Conversations:
         self, session: Session, *, persona: str | None, memory: dict[str, Any] | None, metadata: dict | None
     ) -> Session:
         if persona is not None:
-            self.rt.personas.get(persona)
+            self.rt.personas.get(persona, session.owner)  # a session runs only its owner's or shared personas
         config = self.check_memory(memory) if memory is not None else None
         return self.store.update_session(session.id, persona=persona, memory=config, metadata=metadata)
 
@@ -210,8 +210,9 @@ class Conversations:
 
     # ------------------------------------------------------------------ building the prompt
 
-    def persona(self, name: str | None) -> Any:
-        return self.rt.personas.get(name or self.settings.persona)
+    def persona(self, name: str | None, owner: str | None) -> Any:
+        """`owner`'s persona or a shared one (another user's is a 404, like their sessions)."""
+        return self.rt.personas.get(name or self.settings.persona, owner)
 
     def session_persona(self, session: Session, override: str | None) -> tuple[Any, str | None]:
         """The turn's persona; if the session's was deleted since, the default one and a warning
@@ -219,13 +220,13 @@ class Conversations:
         from persona.errors import PersonaNotFound
 
         if override:
-            return self.persona(override), None
+            return self.persona(override, session.owner), None
         try:
-            return self.persona(session.persona), None
+            return self.persona(session.persona, session.owner), None
         except PersonaNotFound:
             default = self.settings.persona
             log.warning("session %s: persona %r is gone, using %r", session.id, session.persona, default)
-            return self.persona(default), f"persona {session.persona!r} no longer exists: using {default!r}"
+            return self.persona(default, session.owner), f"persona {session.persona!r} no longer exists: using {default!r}"
 
     def reserve(self, requested: int | None) -> int:
         """Context tokens kept free for the reply: the configured reserve or the request's max, within half the window."""
@@ -272,12 +273,12 @@ class Conversations:
         return prep
 
     def prepare_stateless(
-        self, messages: list[dict[str, str]], *, persona_name: str | None, max_tokens: int | None
+        self, messages: list[dict[str, str]], *, persona_name: str | None, max_tokens: int | None, owner: str | None
     ) -> Prepared:
         """Stateless: the client's messages as given, the persona's pinned parts first if one is named."""
         from persona.prompt import build_prompt_parts
 
-        persona = self.persona(persona_name)
+        persona = self.persona(persona_name, owner)
         pinned: list[dict[str, str]] = []
         if persona_name:
             parts = build_prompt_parts(persona)

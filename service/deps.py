@@ -1,6 +1,7 @@
 """FastAPI dependencies: the runtime, the calling user (API-key auth), the conversation service.
 
     UserDep     the owner of whatever the request touches ("local" when auth is off)
+    AdminDep    whether that user's key ends in `:admin` (manages shared personas; always, when auth is off)
     RuntimeDep  app.state.rt (model, store, personas, worker, metrics)
     ConvDep     service.conversation.Conversations bound to the runtime
 """
@@ -60,6 +61,14 @@ def get_user(request: Request) -> str:
 
 
 UserDep = Annotated[str, Depends(get_user)]
+
+
+def get_admin(request: Request, user: UserDep) -> bool:
+    # without keys the one local user is the operator, who owns the shared personas too
+    return not request.app.state.key_owners or user in request.app.state.admins
+
+
+AdminDep = Annotated[bool, Depends(get_admin)]
 
 
 def get_conversations(rt: RuntimeDep) -> Conversations:

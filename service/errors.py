@@ -117,10 +117,12 @@ def as_api_error(exc: Exception) -> APIError | None:
     if isinstance(exc, ChatTemplateError):  # e.g. Gemma's template needs user/assistant alternating
         return APIError(422, f"the model's chat template refused these messages: {exc}", param="messages",
                         code="invalid_messages")
-    from persona.errors import PersonaError, PersonaNotFound
+    from persona.errors import PersonaError, PersonaNotFound, PersonaReadOnly
 
     if isinstance(exc, PersonaNotFound):
         return APIError(404, str(exc), param="persona", code="persona_not_found")
+    if isinstance(exc, PersonaReadOnly):
+        return APIError(409, str(exc), param="name", code="persona_read_only")
     if isinstance(exc, PersonaError):
         return APIError(422, str(exc), param=exc.field or "persona", code="invalid_persona")
     return None

@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, *, lm: Any = None, engine: Any 
     app = FastAPI(title="Memento", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.key_owners = settings.key_owners
+    app.state.admins = settings.admins
     app.state.rt = None
     install_error_handlers(app)
     modules = (health, chat, completions, embeddings, tokenize, sessions, chat_ops, persona_editor, personas, memories,

@@ -113,7 +113,7 @@ def open_runtime(settings: Settings, *, lm: Any = None, engine: Any = None, stor
         engine = Engine(lm, kv_budget_bytes=settings.kv_budget, max_batch=settings.max_running)
     if store is None:
         store = open_store(settings.store_url)
-    personas = PersonaRegistry(extra_dir=settings.persona_dir, writable_dir=settings.data_dir / "personas")
+    personas = PersonaRegistry(extra_dir=settings.persona_dir, local_dir=settings.data_dir / "personas", store=store)
     personas.get(settings.persona)  # fail at start-up, not on the first request, if the default is missing
     worker = EngineWorker(queue_size=settings.queue_size, threads=settings.max_running,
                           owner_running=settings.owner_running, owner_waiting=settings.owner_waiting)

@@ -106,7 +106,7 @@ async def chat_completions(
 
         def prepare() -> Prepared:
             return conv.prepare_stateless(plan.render(messages) if plan else messages, persona_name=persona,
-                                          max_tokens=limit)
+                                          max_tokens=limit, owner=user)
 
     sid = session.id if session else None
     outcomes = []

@@ -81,7 +81,7 @@ async def card_draft(request: Request, user: UserDep, filename: str = Query("car
 async def export_card(name: str, rt: RuntimeDep, user: UserDep, format: str = Query("json", pattern="^(json|png)$")) -> Response:
     from persona.cards import persona_to_card, write_png_card
 
-    card = persona_to_card(await run_in_threadpool(rt.personas.get, name))
+    card = persona_to_card(await run_in_threadpool(rt.personas.get, name, user))
     disposition = {"Content-Disposition": f'attachment; filename="{name}.{format}"'}
     if format == "png":
         return Response(write_png_card(card), media_type="image/png", headers=disposition)

@@ -8,7 +8,9 @@ import textwrap
 import pytest
 
 from persona import Persona, PersonaError, PersonaNotFound, PersonaRegistry
+from persona.errors import PersonaReadOnly
 from persona.schema import dump_persona, parse_persona_text
+from tests.store_fixtures import redis_url, store, store_spec  # noqa: F401
 
 GOOD = textwrap.dedent(
     """\
@@ -116,50 +118,64 @@ def test_bundled_korean_examples_match_their_register(name, register):
     assert classify_reply(p.greeting) == register
 
 
-def test_lookup_order_put_delete(tmp_path):
-    extra, writable = tmp_path / "extra", tmp_path / "w"
+def test_lookup_order_owners_put_delete(tmp_path, store):
+    extra, local = tmp_path / "extra", tmp_path / "local"
     extra.mkdir()
     (extra / "assistant.md").write_text("---\nname: assistant\ndisplay_name: Extra\n---\nfrom extra\n")
     (extra / "broken.md").write_text("---\nname: [\n---\n")
-    reg = PersonaRegistry(extra_dir=extra, writable_dir=writable)
+    reg = PersonaRegistry(extra_dir=extra, local_dir=local, store=store)
     assert reg.get("assistant").char == "Extra"  # extra shadows bundled
     assert "broken" not in [p.name for p in reg.list()] and "broken.md" in str(reg.errors[0])
 
-    p = reg.put("assistant", "---\ndisplay_name: Mine\n---\nmine\n")  # name filled in
-    assert isinstance(p, Persona) and p.name == "assistant"
-    assert reg.get("assistant").char == "Mine"  # writable shadows extra
-    assert not list(writable.glob(".*.tmp"))  # atomic write leaves no temp file
-    reg.delete("assistant")
+    with pytest.raises(PersonaReadOnly, match="shared persona"):  # a user cannot replace a shared one
+        reg.put("assistant", "---\ndisplay_name: Mine\n---\nmine\n", "bob")
+    p = reg.put("mine", "---\ndisplay_name: Mine\n---\nmine\n", "bob")  # name filled in
+    assert isinstance(p, Persona) and p.name == "mine" and reg.origin("mine", "bob") == "own"
+    assert reg.get("mine", "bob").char == "Mine"
+    with pytest.raises(PersonaNotFound):  # another user's persona is not there for alice
+        reg.get("mine", "alice")
+    assert "mine" not in [q.name for q in reg.list("alice")] and "mine" in [q.name for q in reg.list("bob")]
+    assert not local.exists()  # written to the store, not the local disk
+
+    reg.put("assistant", "---\ndisplay_name: House\n---\nhouse\n", "root", admin=True)  # the shared copy
+    assert reg.get("assistant", "alice").char == "House" and reg.origin("assistant") == "shared"
+    reg.delete("assistant", "root", admin=True)
     assert reg.get("assistant").char == "Extra"
-    with pytest.raises(PersonaError, match="read-only"):
-        reg.delete("assistant")
+    with pytest.raises(PersonaReadOnly, match="read-only"):  # files stay, even for an admin
+        reg.delete("assistant", "root", admin=True)
     with pytest.raises(PersonaNotFound):
-        reg.delete("nobody")
-    with pytest.raises(PersonaNotFound, match="no persona named 'nobody'"):
-        reg.get("nobody")
+        reg.delete("mine", "alice")
+    reg.delete("mine", "bob")
+    with pytest.raises(PersonaNotFound, match="no persona named 'mine'"):
+        reg.get("mine", "bob")
 
 
-def test_put_rejects_mismatch_and_bad_names(tmp_path):
-    reg = PersonaRegistry(writable_dir=tmp_path)
+def test_put_rejects_mismatch_and_bad_names(store):
+    reg = PersonaRegistry(store=store)
     with pytest.raises(PersonaError, match="names 'other'"):
-        reg.put("mine", "---\nname: other\n---\nx\n")
+        reg.put("mine", "---\nname: other\n---\nx\n", "bob")
     for bad in ("../evil", "a/b", "..", "Upper", "", "x" * 65):
         with pytest.raises(PersonaError, match="invalid persona name"):
-            reg.put(bad, "---\n---\nx\n")
+            reg.put(bad, "---\n---\nx\n", "bob")
         with pytest.raises(PersonaError, match="invalid persona name"):
             reg.get(bad)
-    assert list(tmp_path.iterdir()) == []
+    assert store.list_personas("bob") == {}
 
 
-def test_put_card_json(tmp_path):
+def test_put_card_json(store):
     import json
 
     from persona.cards import persona_to_card
 
     card = persona_to_card(PersonaRegistry().get("daughter-ko"))
-    reg = PersonaRegistry(writable_dir=tmp_path)
-    p = reg.put("jiwoo", json.dumps(card, ensure_ascii=False))
-    assert p.name == "jiwoo" and p.register == "banmal" and reg.get("jiwoo").examples == p.examples
+    reg = PersonaRegistry(store=store)
+    p = reg.put("jiwoo", json.dumps(card, ensure_ascii=False), "alice")
+    assert p.name == "jiwoo" and p.register == "banmal" and reg.get("jiwoo", "alice").examples == p.examples
+
+
+def test_a_registry_without_a_store_is_read_only():
+    with pytest.raises(PersonaError, match="no store"):
+        PersonaRegistry().put("mine", "---\n---\nx\n", "bob")
 
 
 def test_symlink_outside_is_refused(tmp_path):
