@@ -19,6 +19,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # What the prompt wraps its notes in (memory/context.py, persona/prompt.py) and the chat templates'
 # turn markers: a reply that writes one of these is writing the prompt, not answering.
@@ -246,3 +247,26 @@ def settle(reply: str, rules: ReplyRules, regenerate=None, max_retries: int = 2)
     if best_problems:
         meta["quality"] = best_problems
     return Settled(best, meta)
+
+
+def carrier_stops(persona: Any) -> list[str]:
+    """Stop strings for a persona's turn: the carriers' openings and the user's next line, so an echo
+    ends the generation before it is streamed (the post-check still cuts what slips past)."""
+    from persona.prompt import user_name_for
+
+    return ["[System note", "[Memory", "[Core memory", "(기억해", "(기억하세요", f"\n{user_name_for(persona)}:"]
+
+
+def rules_for(persona: Any, post_history: str | None, earlier: Sequence[str] = ()) -> ReplyRules:
+    """The ReplyRules of one turn: the note the prompt carried after the history (with any register
+    reminder), the persona's register rule and reminder texts, its earlier replies and names."""
+    from persona.prompt import REGISTER_INSTRUCTION, REGISTER_REMINDER, render_macros, user_name_for
+
+    user, char = user_name_for(persona), persona.char
+    texts = [post_history or ""]
+    texts += [t[persona.register] for t in (REGISTER_INSTRUCTION, REGISTER_REMINDER) if persona.register in t]
+    instructions = [render_macros(t, char, user) for t in texts if t]
+    own = " ".join([persona.description, persona.scenario, persona.personality, persona.greeting]
+                   + [t.content for d in persona.examples for t in d])
+    names = {char, user, persona.name, *(w for w in words(own) if script_of(w[0]) == "latin")}
+    return ReplyRules(instructions, [f"\n{user}:"], list(earlier), persona.language, sorted(names))
