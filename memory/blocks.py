@@ -275,13 +275,12 @@ class ModelBlockEditor:
                 {"role": "user", "content": f"Blocks:\n{shown}\n\nLatest exchange:\n{said}\n\nJSON:"}]
 
     def __call__(self, blocks: dict[str, str], exchange: list[Message]) -> list[dict[str, Any]]:
+        from memory.generate import chat_complete
         from memory.grammar import JsonConstraint
-        from model.sampling import SamplingParams
 
         constraint = JsonConstraint(self.tokenizer, EDIT_SCHEMA)
-        ids = self.tokenizer.apply_chat_template(self.prompt(blocks, exchange), add_generation_prompt=True)
-        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, repetition_penalty=1.1)
-        text = self.engine.complete(ids, params, session_id=None, logits_processors=[constraint]).text
+        text = chat_complete(self.engine, self.tokenizer, self.prompt(blocks, exchange), max_tokens=self.max_tokens,
+                             repetition_penalty=1.1, processors=[constraint])
         self.calls += 1
         try:
             value = constraint.parse(text)

@@ -2,7 +2,7 @@
 
 A summarizer is `(previous summary, newly overflowed messages) -> updated summary`.
 
-- `ModelSummarizer(engine, tokenizer)`: the local model rewrites the running summary with a short
+- `ModelSummarizer(engine, tokenizer)`: the model (local or the remote engine) rewrites the running summary with a short
   prompt through the chat template, decoded greedily (temperature 0; a mild repetition penalty
   keeps small models from looping). New messages too long for one prompt are folded in chunks,
   still within one summarizer call.
@@ -92,13 +92,10 @@ class ModelSummarizer:
         return [{"role": "system", "content": system}, {"role": "user", "content": body}]
 
     def _fold(self, previous: str, lines: list[str]) -> str:
-        from model.sampling import SamplingParams
+        from memory.generate import chat_complete
 
-        ids = self.tokenizer.apply_chat_template(self.prompt(previous, lines), add_generation_prompt=True)
-        params = SamplingParams(
-            max_tokens=self.max_tokens, temperature=0.0, repetition_penalty=self.repetition_penalty
-        )
-        text = self.engine.complete(ids, params, session_id=None).text.strip()
+        text = chat_complete(self.engine, self.tokenizer, self.prompt(previous, lines), max_tokens=self.max_tokens,
+                             repetition_penalty=self.repetition_penalty).strip()
         if not text:  # never lose the new lines because the model said nothing
             return self._fallback(previous, [_as_user(line) for line in lines])
         return text

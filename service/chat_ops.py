@@ -91,13 +91,13 @@ class ChatOps:
             prep = self.conv.prepare(session, user.content, max_tokens=max_tokens, history=messages[:upto])
         prep.new_message = None  # nothing new to store before generating
         if cont:
-            tail = self.rt.tokenizer.encode(messages[i].content)
+            prompt = self.rt.backend.extend(prep.prompt, messages[i].content)
             window = self.rt.context_window
-            if len(prep.prompt_ids) + len(tail) >= window - 1:
+            if prompt.tokens >= window - 1:
                 raise APIError(400, "the reply is too long to continue within the context window",
                                param="message_id", code="context_length_exceeded")
-            prep.prompt_ids = prep.prompt_ids + tail
-            prep.max_tokens = max(1, min(prep.max_tokens, window - len(prep.prompt_ids)))
+            prep.prompt = prompt
+            prep.max_tokens = max(1, min(prep.max_tokens, window - prompt.tokens))
         return prep
 
     def regenerate_job(self, session: Session, message_id: str, prep: Prepared, sampling: Sampling) -> Any:

@@ -7,9 +7,12 @@
 
 Order of a turn: load the session (owner-checked) -> persona parts (with a register reminder
 when recent replies drifted) -> the memory strategy's view -> `build_context` -> chat template
--> [worker] store the user message -> engine.generate (session id = KV reuse; RegisterGuard as a
-logit processor in `guard` mode) -> register post-check / repair -> store the reply with
-metadata -> `after_turn` on the background thread, off the reply's critical path.
+-> [worker] store the user message -> backend.stream (session id = KV reuse; RegisterGuard as a
+logit processor in `guard` mode where the backend applies them) -> register post-check / repair
+-> store the reply with metadata -> `after_turn` on the background thread, off the critical path.
+
+Everything model-side goes through `rt.backend` (service/backend.py): the local engine or a remote
+OpenAI-compatible one. This module handles messages and text only, never token ids.
 
 Interrupted replies (client gone, deadline passed) ARE stored, with whatever text was generated
 and metadata `{"interrupted": true, "finish_reason": "cancelled"}`: the transcript keeps the
@@ -28,7 +31,9 @@ from typing import Any, Literal
 from memory.config import validate_memory_config
 from memory.strategies import StrategyDeps, build_strategy
 from memory.types import Message, Session
+from persona.register_policy import guards
 from service import register
+from service.backend import GenParams, Rendered
 from service.errors import APIError, not_found
 from service.runtime import Runtime
 from service.worker import Job
@@ -68,8 +73,7 @@ class Prepared:
     """Everything the worker needs for one generation; built off the worker thread."""
 
     messages: list[dict[str, str]]  # what the chat template saw
-    prompt_ids: list[int]
-    prefix_len: int | None  # tokens of the pinned persona prefix (cached once, never shifted out)
+    prompt: Rendered  # as the backend will send it (local: ids + the pinned prefix's length)
     max_tokens: int  # reply limit that still fits the window
     persona: Any  # persona.Persona
     session: Session | None = None  # None: stateless
@@ -110,6 +114,14 @@ def sampling_extra(vocab_size: int, presence: float | None, frequency: float | N
     if logprobs is not None:
         extra["logprobs"] = logprobs
     return extra
+
+
+def gen_params(sampling: Sampling, limit: int) -> GenParams:
+    """The request's sampling within the reply limit that fits the window (OpenAI's defaults otherwise)."""
+    temperature = 0.7 if sampling.temperature is None else sampling.temperature
+    top_p = 1.0 if sampling.top_p is None else sampling.top_p
+    return GenParams(min(sampling.max_tokens or limit, limit), temperature, top_p, sampling.seed, sampling.stop,
+                     dict(sampling.extra))
 
 
 def usage_dict(u: Any) -> dict[str, int]:
@@ -158,13 +170,11 @@ class Conversations:
 
     def delete_session(self, session: Session) -> None:
         self.store.delete_session(session.id)
-        engine = self.rt.engine
-        self.rt.worker.submit(lambda _job: engine.drop_session(session.id), background=True)
-        if self.rt._vector is not None:  # only if it was ever opened: deleting must not load Chroma
-            try:
-                self.rt._vector.delete_session(session.owner, session.id)
-            except Exception:  # the transcript is gone; stale vectors are filtered by session anyway
-                log.warning("could not delete vectors of session %s", session.id, exc_info=True)
+        backend = self.rt.backend
+        self.rt.worker.submit(lambda _job: backend.drop_session(session.id), background=True)
+        # the store left a tombstone with the delete: the vectors go off the request path, now or,
+        # if Chroma is down, at the next vector access or start-up (retrieval drops them meanwhile)
+        self.rt.background.submit(("tombstones", ""), self.rt.apply_tombstones)
 
     @staticmethod
     def check_memory(config: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +278,7 @@ class Conversations:
         )
         if warning:
             ctx.warnings.append(warning)
-        prep = self._tokenize(ctx.messages, len(parts.pinned), persona, max_tokens)
+        prep = self._render(ctx.messages, len(parts.pinned), persona, max_tokens)
         prep.session, prep.new_message, prep.ctx, prep.remind = session, new_message, ctx, remind
         return prep
 
@@ -284,26 +294,13 @@ class Conversations:
             parts = build_prompt_parts(persona)
             pinned = parts.pinned
             messages = [m for m in messages if m["role"] != "system"] if pinned else messages
-        return self._tokenize(pinned + messages, len(pinned), persona, max_tokens)
+        return self._render(pinned + messages, len(pinned), persona, max_tokens)
 
-    def _tokenize(self, messages: list[dict[str, str]], n_pinned: int, persona: Any, max_tokens: int | None) -> Prepared:
-        tok = self.rt.tokenizer
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
-        window = self.rt.context_window
-        if len(ids) >= window:
-            raise APIError(
-                400,
-                f"the prompt is {len(ids)} tokens but the model's context window is {window}; "
-                "send fewer or shorter messages (or use a session: memory mode trims to fit)",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        prefix_len = None
-        if n_pinned:
-            pinned_ids = tok.apply_chat_template(messages[:n_pinned], add_generation_prompt=False)
-            prefix_len = _common_prefix(pinned_ids, ids) or None
+    def _render(self, messages: list[dict[str, str]], n_pinned: int, persona: Any, max_tokens: int | None) -> Prepared:
+        """The backend's prompt (400 when it cannot fit) and the reply limit that still fits the window."""
+        prompt = self.rt.backend.render(messages, n_pinned)
         limit = max_tokens or self.settings.max_tokens
-        return Prepared(messages, ids, prefix_len, max(1, min(limit, window - len(ids))), persona)
+        return Prepared(messages, prompt, max(1, min(limit, self.rt.context_window - prompt.tokens)), persona)
 
     # ------------------------------------------------------------------ generating (worker thread)
 
@@ -324,28 +321,21 @@ class Conversations:
         return run
 
     def _generate(self, job: Job, prep: Prepared, sampling: Sampling) -> TurnResult:
-        from model import SamplingParams
-
-        temperature = 0.7 if sampling.temperature is None else sampling.temperature
-        top_p = 1.0 if sampling.top_p is None else sampling.top_p
-        params = SamplingParams(
-            max_tokens=min(sampling.max_tokens or prep.max_tokens, prep.max_tokens),
-            temperature=temperature,
-            top_p=top_p,
-            seed=sampling.seed,
-            stop=sampling.stop,
-            **sampling.extra,
-        )
-        guard = register.guard_for(prep.persona, self.rt.tokenizer)
+        params = gen_params(sampling, prep.max_tokens)
+        backend = self.rt.backend
+        # where the logits are not ours (a remote engine) guard mode degrades to post-check + repair
+        guard = register.guard_for(prep.persona, self.rt.tokenizer) if backend.capabilities.logit_processors else None
         extra = sampling.processors() if sampling.processors is not None else []
+        if extra and not backend.capabilities.logit_processors:
+            raise APIError(400, f"the engine at {self.settings.engine_url} cannot apply grammars (tools, "
+                           "response_format): the logits are not Memento's", code="unsupported_by_engine")
         early = [p for p in extra if hasattr(p, "advance")]
-        events = self.rt.engine.generate(
-            prep.prompt_ids,
+        events = backend.stream(
+            prep.prompt,
             params,
             session_id=prep.session.id if prep.session is not None else None,
-            logits_processors=([guard] if guard is not None else []) + extra,
+            processors=([guard] if guard is not None else []) + extra,
             should_stop=job.should_stop,
-            prefix_len=prep.prefix_len,
             owner=job.owner,  # the cache finds only this user's blocks (and shared persona blocks)
         )
         pieces: list[str] = []
@@ -353,7 +343,7 @@ class Conversations:
         n_tokens = 0
         scored: list[TokenLogprob] = []  # with logprobs: one per generated token
         for ev in events:
-            if first_token_at is None and ev.token_id is not None:
+            if first_token_at is None and (ev.token_id is not None or ev.text):
                 first_token_at = time.monotonic()
             if ev.token_id is not None:
                 for proc in early:  # the next mask is computed while the engine runs the forward
@@ -373,7 +363,7 @@ class Conversations:
         raise RuntimeError("the engine ended without a final event")
 
     def _finish(
-        self, job: Job, prep: Prepared, text: str, ev: Any, first_token_at: float | None, params: Any, guard: Any
+        self, job: Job, prep: Prepared, text: str, ev: Any, first_token_at: float | None, params: GenParams, guard: Any
     ) -> TurnResult:
         now = time.monotonic()
         usage = usage_dict(ev.usage)
@@ -386,21 +376,25 @@ class Conversations:
             reason=ev.finish_reason,
             queue_wait=(job.started - job.submitted) if job.started is not None else None,
         )
-        regenerate = self._regenerator(prep, params, guard) if guard is not None else None
+        guarding = prep.persona is not None and guards(prep.persona)
+        regenerate = self._regenerator(prep, params, guard) if guarding else None
         text, register_meta = register.post_check(prep.persona, text, self.rt.metrics, regenerate, job.should_stop)
+        if guarding and guard is None:  # say which guard ran: no logits here, only the check and repair
+            register_meta["register_guard"] = "post_check"
+            if "register_repairs" in register_meta:
+                register_meta["register_repair_mode"] = getattr(self.rt.backend, "continue_mode", "continue")
         return TurnResult(text, ev.finish_reason, usage, register_meta=register_meta)
 
-    def _regenerator(self, prep: Prepared, params: Any, guard: Any) -> Any:
-        """For register repair: one new sentence continuing the reply so far, guard on (worker thread)."""
-        from model import SamplingParams
-
-        tok = self.rt.tokenizer
+    def _regenerator(self, prep: Prepared, params: GenParams, guard: Any) -> Any:
+        """For register repair: one new sentence continuing the reply so far, guard on where the
+        backend applies logit processors (worker thread)."""
+        backend = self.rt.backend
+        processors = [guard] if guard is not None else []
 
         def regenerate(prefix: str) -> str:
-            ids = prep.prompt_ids + (tok.encode(prefix) if prefix else [])
-            p = SamplingParams(max_tokens=REPAIR_MAX_TOKENS, temperature=max(params.temperature, 0.7), top_p=params.top_p)
-            text = self.rt.engine.complete(ids, p, logits_processors=[guard]).text
-            return first_sentence(text)
+            p = GenParams(max_tokens=REPAIR_MAX_TOKENS, temperature=max(params.temperature, 0.7), top_p=params.top_p)
+            prompt = backend.extend(prep.prompt, prefix) if prefix else prep.prompt
+            return first_sentence(backend.complete(prompt, p, processors))
 
         return regenerate
 
@@ -410,7 +404,7 @@ class Conversations:
             "finish_reason": result.finish_reason,
             "usage": result.usage,
             "persona": prep.persona.name,
-            "model": self.rt.lm.name,
+            "model": self.rt.backend.name,
         }
         metadata.update(result.register_meta)
         if prep.message_id:  # an idempotent turn: a retry finds this reply by its key
@@ -440,21 +434,22 @@ class Conversations:
 
 
 class WorkerEngine:
-    """The engine as seen from other threads: `complete` runs as a background job on the worker
-    (the engine has exactly one owner thread), so summaries never race a streaming reply."""
+    """The backend as seen from other threads: generations run as background jobs on the worker,
+    so summaries and block edits queue behind (never ahead of) the users' replies."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.context_window = rt.context_window
 
-    def complete(
-        self, prompt_ids: list[int], params: Any, session_id: str | None = None, logits_processors: Any = None
-    ) -> Any:
-        engine = self.rt.engine
-        processors = list(logits_processors or [])  # e.g. the JSON grammar of core-block edits
+    def complete_messages(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float = 0.0,
+                          repetition_penalty: float = 1.0, processors: Any = ()) -> str:
+        backend = self.rt.backend
+        # a remote engine cannot run our grammars: the caller parses what the model wrote instead
+        usable = list(processors) if backend.capabilities.logit_processors else []
+        extra = {"repetition_penalty": repetition_penalty} if repetition_penalty != 1.0 else {}
+        params = GenParams(max_tokens=max_tokens, temperature=temperature, extra=extra)
         return self.rt.worker.call(
-            lambda _job: engine.complete(prompt_ids, params, session_id=session_id, logits_processors=processors),
-            background=True,
+            lambda _job: backend.complete(backend.render(messages), params, usable), background=True
         )
 
 
@@ -482,14 +477,6 @@ def first_sentence(text: str) -> str:
     text = text.lstrip()
     m = SENTENCE_END.search(text)
     return text[: m.end()].strip() if m else text.strip()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _memory_json(memory: dict[str, Any]) -> dict[str, Any]:

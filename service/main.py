@@ -47,8 +47,12 @@ def create_app(settings: Settings | None = None, *, lm: Any = None, engine: Any 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = await run_in_threadpool(open_runtime, settings, lm=lm, engine=engine, store=store)
         rt.started_at = time.time()
+        rt.schedule_tombstones()  # deletions a previous run could not finish in Chroma
         app.state.rt = rt
-        log.info("model %s ready (context window %d) on %s", rt.lm.name, rt.context_window, rt.lm.device)
+        if rt.lm is not None:
+            log.info("model %s ready (context window %d) on %s", rt.model_name, rt.context_window, rt.lm.device)
+        else:  # the engine may still be starting: /readyz says when it answers
+            log.info("remote engine %s (model %s)", rt.settings.engine_url, rt.model_name)
         try:
             yield
         finally:

@@ -1,6 +1,7 @@
 """Everything the service opens once at start-up and closes at shutdown, kept on `app.state.rt`.
 
-The model, its engine (owned by the worker thread), the transcript store, the persona registry
+The backend (service/backend.py: our model and its engine, or a remote OpenAI-compatible engine
+when MEMENTO_ENGINE_URL is set, with no local weights), the transcript store, the persona registry
 and, lazily, vector memory (Chroma client + embedder are heavy: opened on first use of `vector`).
 """
 
@@ -44,8 +45,8 @@ class InFlight:
 @dataclass
 class Runtime:
     settings: Settings
-    lm: Any  # model.LoadedModel
-    engine: Any  # model.Engine; only the worker thread calls it
+    lm: Any  # model.LoadedModel; None with a remote engine
+    engine: Any  # model.Engine; None with a remote engine
     store: Any  # memory.store.Store
     personas: Any  # persona.PersonaRegistry
     worker: EngineWorker
@@ -55,27 +56,67 @@ class Runtime:
     in_flight: InFlight = field(default_factory=InFlight)
     _vector: Any = None
     _vector_lock: threading.Lock = field(default_factory=threading.Lock)
+    _tombstones_due: bool = True  # deleted sessions' vectors may still be in Chroma (see apply_tombstones)
+    backend: Any = None  # service.backend.Backend: the only way the service reaches the model
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            from service.backend import LocalBackend
+
+            self.backend = LocalBackend(self.lm, self.engine, self.settings.context_window)
 
     @property
     def tokenizer(self) -> Any:
-        return self.lm.tokenizer
+        return self.backend.tokenizer
 
     @property
     def context_window(self) -> int:
-        return int(self.lm.context_window)
+        return int(self.backend.context_window)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.backend.name)
 
     def vector(self) -> Any:
         """Vector memory, opened on first use (embedded Chroma under the data dir, or a server)."""
+        vm = self._open_vector()
+        if self._tombstones_due:
+            self.apply_tombstones()
+        return vm
+
+    def _open_vector(self) -> Any:
         with self._vector_lock:
             if self._vector is None:
                 self._vector = open_vector_memory(self.settings)
             return self._vector
 
+    def apply_tombstones(self) -> None:
+        """Delete from Chroma the vectors of every session deleted while it was down (or by a
+        process that never opened it): their tombstones wait in the store until this succeeds."""
+        from memory.store import StoreError
+        from memory.vector_store import VectorUnavailable, apply_tombstones
+
+        try:
+            # no Chroma ever used here (no server, no embedded dir): the tombstones just go
+            vm = self._open_vector() if self._vector is not None or self.vectors_may_exist() else None
+            apply_tombstones(vm, self.store)
+            self._tombstones_due = False
+        except (VectorUnavailable, StoreError) as exc:
+            self._tombstones_due = True  # tried again on the next vector access
+            log.warning("vector tombstones wait for Chroma: %s", exc)
+
+    def vectors_may_exist(self) -> bool:
+        return bool(self.settings.chroma_url) or (self.settings.data_dir / "chroma").exists()
+
+    def schedule_tombstones(self) -> None:
+        """At start-up, off the request path: a previous run's deletions are finished now."""
+        self.background.submit(("tombstones", ""), self.apply_tombstones)
+
     def close(self) -> None:
         self.background.wait_idle(timeout=10)
         self.background.stop()
         self.worker.stop()
-        for thing in (self._vector, self.store):
+        for thing in (self._vector, self.store, self.backend):
             close = getattr(thing, "close", None)
             if close is not None:
                 try:
@@ -105,7 +146,12 @@ def open_runtime(settings: Settings, *, lm: Any = None, engine: Any = None, stor
     from persona.registry import PersonaRegistry
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if lm is None:
+    backend = None
+    if lm is None and settings.engine_url:
+        from service.remote_engine import RemoteBackend
+
+        backend = RemoteBackend.open(settings)  # no weights: the engine holds the model
+    elif lm is None:
         lm, engine = load_engine(settings)
     elif engine is None:
         from model import Engine
@@ -120,8 +166,8 @@ def open_runtime(settings: Settings, *, lm: Any = None, engine: Any = None, stor
     background = SerialExecutor()
     metrics = Metrics()
     metrics.bind_queue(lambda: worker.depth, lambda: worker.busy)
-    if hasattr(engine, "stats"):
+    if engine is not None and hasattr(engine, "stats"):
         metrics.bind_engine(engine.stats)
     worker.start()
     background.start()
-    return Runtime(settings, lm, engine, store, personas, worker, background, metrics)
+    return Runtime(settings, lm, engine, store, personas, worker, background, metrics, backend=backend)

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     api_keys: Annotated[SecretStr | None, NoDecode] = None  # "key1:alice,key2:bob:admin"; SecretStr keeps it out of logs
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Host header values accepted beyond the loopback names (comma-separated)")
+    engine_url: str | None = Field(None, description="an OpenAI-compatible engine, http://host:port/v1; no local weights")
+    engine_key: SecretStr | None = None  # sent as `Authorization: Bearer` to the engine
+    engine_model: str | None = None  # None: the engine's first /v1/models entry
+    context_window: int | None = Field(None, ge=64, description="override the window from the engine or the model")
 
     # --- extras (ours) ---
     host: str = "127.0.0.1"
@@ -59,6 +63,8 @@ class Settings(BaseSettings):
     max_tokens: int = Field(512, ge=1, description="default reply length limit in tokens")
     summary_max_tokens: int = Field(256, ge=8, description="length limit of a running summary written by the model")
     keepalive_seconds: float = Field(10.0, gt=0, description="SSE keep-alive comment interval")
+    engine_timeout: float = Field(30.0, gt=0, description="seconds without a byte from the remote engine before 503")
+    engine_connect_timeout: float = Field(2.0, gt=0, description="seconds to connect to the remote engine")
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -76,6 +82,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             parse_api_keys(value)  # raises with a clear message
             return value or None
+        return value
+
+    @field_validator("engine_url", mode="before")
+    @classmethod
+    def _check_engine_url(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().rstrip("/") or None
+            if value and not value.startswith(("http://", "https://")):
+                raise ValueError(f"MEMENTO_ENGINE_URL must be http(s)://host:port/v1, got {value!r}")
         return value
 
     @model_validator(mode="after")

@@ -60,7 +60,7 @@ ROLE_MAP = {"developer": "system", "tool": "user"}  # roles chat templates know
 
 @router.get("/models", response_model=ModelList)
 async def list_models(rt: RuntimeDep, user: UserDep) -> ModelList:
-    card = ModelCard(id=rt.lm.name, created=int(rt.started_at), context_window=rt.context_window)
+    card = ModelCard(id=rt.model_name, created=int(rt.started_at), context_window=rt.context_window)
     return ModelList(data=[card])
 
 
@@ -115,7 +115,7 @@ async def chat_completions(
         outcomes.append(start_turn(rt, conv, sid, prepare, choice_sampling, bool(body.stream), owner=user))
     if stored is not None:
         outcomes.append(idempotency.stored_outcome(stored, bool(body.stream)))
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.lm.name}
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_name}
     headers = {"X-Session-ID": session.id} if session is not None else {}
     tools_on = plan is not None and plan.mode != "none"
     if body.stream:
@@ -221,7 +221,7 @@ def with_tools(conv: Conversations, prep: Prepared, plan: ToolPlan | None, limit
     The transcript keeps calls and results as the same `<tool_call>` / `<tool_response>` text."""
     if plan is None or plan.mode == "none":
         return prep
-    out = conv._tokenize(plan.render(prep.messages), 0, prep.persona, limit)
+    out = conv._render(plan.render(prep.messages), 0, prep.persona, limit)
     out.session, out.new_message, out.ctx, out.remind = prep.session, prep.new_message, prep.ctx, prep.remind
     return out
 

@@ -55,7 +55,7 @@ async def completions(body: CompletionRequest, user: UserDep, conv: ConvDep, rt:
             sampling = Sampling(body.max_tokens, body.temperature, body.top_p, seeded(body.seed, j),
                                 body.stop_list(), extra=extra)
             runs.append((ids, sampling))
-    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.lm.name}
+    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_name}
     echo = [rt.tokenizer.decode(ids) if body.echo else "" for ids, _ in runs]
     if body.stream:
         streams = [await start_raw(rt, conv, ids, s, stream=True, owner=user) for ids, s in runs]
@@ -105,7 +105,7 @@ async def start_raw(rt: Any, conv: Any, ids: list[int], sampling: Sampling, *, s
     limit = max(1, min(sampling.max_tokens or rt.settings.max_tokens, rt.context_window - len(ids)))
 
     def prepare() -> Prepared:
-        return Prepared(messages=[], prompt_ids=ids, prefix_len=None, max_tokens=limit, persona=None)
+        return Prepared(messages=[], prompt=rt.backend.raw(ids), max_tokens=limit, persona=None)
 
     return await start_turn(rt, conv, None, prepare, sampling, stream, owner=owner)
 
