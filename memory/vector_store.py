@@ -16,6 +16,9 @@ the assistant reply) is one record:
 
 Chroma is reached lazily: if the server is down, calls raise `VectorUnavailable` and the next
 call tries again (the `vector` strategy then degrades to recent turns and catches up later).
+Deleting a session leaves a tombstone in the transcript store; `apply_tombstones` deletes its
+vectors when Chroma is reachable (service/runtime.py: after the delete, at start-up, on the next
+vector access), so a deletion holds across outages and restarts.
 """
 
 from __future__ import annotations
@@ -183,6 +186,19 @@ class VectorMemory:
                     )
                 self._collections[owner] = col
             return col
+
+
+def apply_tombstones(vm: VectorMemory | None, store: Any) -> int:
+    """Delete the vectors of each session the store holds a tombstone for, then drop the tombstone
+    (vm None: no Chroma exists, so only the tombstones go). A failure (VectorUnavailable) leaves
+    the rest for the next try. Returns how many were applied."""
+    done = 0
+    for session_id, owner in store.list_tombstones():
+        if vm is not None:
+            vm.delete_session(owner, session_id)
+        store.drop_tombstone(session_id)
+        done += 1
+    return done
 
 
 class ModelMismatch(ValueError):
