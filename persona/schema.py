@@ -88,6 +88,25 @@ def _as_turns(item: Any, where: str) -> list[dict]:
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
+class PersonaSampling(BaseModel):
+    """A persona's own sampling defaults (over the model's preset, under the request's fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=4)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    dry_multiplier: float | None = Field(None, ge=0, le=100)
+    dry_base: float | None = Field(None, gt=1, le=8)
+    dry_allowed_length: int | None = Field(None, ge=1, le=64)
+    dry_penalty_last_n: int | None = Field(None, ge=-1)
+    dry_sequence_breakers: list[str] | None = Field(None, max_length=16)
+
+
 class Persona(BaseModel):
     """A character the bot plays. Text fields may use the `{{char}}` and `{{user}}` macros."""
 
@@ -111,6 +130,7 @@ class Persona(BaseModel):
     tags: list[str] = Field(default_factory=list)
     creator_notes: str = Field("", max_length=MAX_TEXT)
     lorebook: Lorebook | None = Field(None, description="world info: entries inserted when their keys appear")
+    sampling: PersonaSampling | None = Field(None, description="sampling defaults over the model's preset")
 
     @field_validator("register_mode", mode="before")
     @classmethod

@@ -25,14 +25,15 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from memory.config import validate_memory_config
 from memory.strategies import StrategyDeps, build_strategy
 from memory.types import Message, Session
+from persona import quality
 from persona.register_policy import guards
-from service import register
+from service import register, reply_check
 from service.backend import GenParams, Rendered
 from service.errors import APIError, not_found
 from service.runtime import Runtime
@@ -81,6 +82,7 @@ class Prepared:
     ctx: Any = None  # memory.context.Context (memory mode)
     remind: bool = False
     message_id: str | None = None  # the Idempotency-Key: the user message's id, the reply's reply_to
+    rules: Any = None  # persona.quality.ReplyRules the reply is checked against (None: no persona prompt)
 
 
 @dataclass
@@ -280,6 +282,8 @@ class Conversations:
             ctx.warnings.append(warning)
         prep = self._render(ctx.messages, len(parts.pinned), persona, max_tokens)
         prep.session, prep.new_message, prep.ctx, prep.remind = session, new_message, ctx, remind
+        earlier = [m.content for m in history if m.role == "assistant"]
+        prep.rules = quality.rules_for(persona, parts.post_history, earlier)
         return prep
 
     def prepare_stateless(
@@ -294,7 +298,10 @@ class Conversations:
             parts = build_prompt_parts(persona)
             pinned = parts.pinned
             messages = [m for m in messages if m["role"] != "system"] if pinned else messages
-        return self._render(pinned + messages, len(pinned), persona, max_tokens)
+        prep = self._render(pinned + messages, len(pinned), persona, max_tokens)
+        if pinned:
+            prep.rules = quality.rules_for(persona, None, [m["content"] for m in messages if m["role"] == "assistant"])
+        return prep
 
     def _render(self, messages: list[dict[str, str]], n_pinned: int, persona: Any, max_tokens: int | None) -> Prepared:
         """The backend's prompt (400 when it cannot fit) and the reply limit that still fits the window."""
@@ -321,6 +328,9 @@ class Conversations:
         return run
 
     def _generate(self, job: Job, prep: Prepared, sampling: Sampling) -> TurnResult:
+        if sampling.processors is not None:  # a grammar writes tool calls / JSON: not a persona's reply
+            prep.rules = None
+        sampling = reply_check.turn_sampling(sampling, self.rt.backend.name, prep.persona, prep.rules is not None)
         params = gen_params(sampling, prep.max_tokens)
         backend = self.rt.backend
         # where the logits are not ours (a remote engine) guard mode degrades to post-check + repair
@@ -376,14 +386,30 @@ class Conversations:
             reason=ev.finish_reason,
             queue_wait=(job.started - job.submitted) if job.started is not None else None,
         )
+        quality_meta: dict[str, Any] = {}
+        if prep.rules is not None:  # a leaked instruction is cut, a degenerate reply generated again
+            # unless it was streamed: the client saw this reply, so it is only cut (leak, looping phrase)
+            again = None if job.streams else self._reply_again(prep, params, guard)
+            text, quality_meta = reply_check.settle_reply(prep.rules, text, again, job.should_stop)
         guarding = prep.persona is not None and guards(prep.persona)
         regenerate = self._regenerator(prep, params, guard) if guarding else None
         text, register_meta = register.post_check(prep.persona, text, self.rt.metrics, regenerate, job.should_stop)
+        register_meta.update(quality_meta)
         if guarding and guard is None:  # say which guard ran: no logits here, only the check and repair
             register_meta["register_guard"] = "post_check"
             if "register_repairs" in register_meta:
                 register_meta["register_repair_mode"] = getattr(self.rt.backend, "continue_mode", "continue")
         return TurnResult(text, ev.finish_reason, usage, register_meta=register_meta)
+
+    def _reply_again(self, prep: Prepared, params: GenParams, guard: Any) -> Any:
+        """For the quality check: a whole new reply with another seed (worker thread)."""
+        backend = self.rt.backend
+
+        def again(attempt: int) -> str:
+            seed = None if params.seed is None else params.seed + 7919 * attempt
+            return backend.complete(prep.prompt, replace(params, seed=seed), [guard] if guard is not None else [])
+
+        return again
 
     def _regenerator(self, prep: Prepared, params: GenParams, guard: Any) -> Any:
         """For register repair: one new sentence continuing the reply so far, guard on where the

@@ -23,6 +23,25 @@ Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None
 # ---------------------------------------------------------------- OpenAI: chat completions
 
 
+class SamplerExtras(BaseModel):
+    """Sampler fields beyond OpenAI's (extra, ours; named as llama.cpp's server names them). Unset
+    fields keep the model's preset (`GET /v1/models`) or the persona file's `sampling`."""
+
+    top_k: int | None = Field(None, ge=0)  # extra (ours)
+    min_p: float | None = Field(None, ge=0, le=1)  # extra (ours)
+    repetition_penalty: float | None = Field(None, gt=0, le=4)  # extra (ours): HF semantics
+    dry_multiplier: float | None = Field(None, ge=0, le=100)  # extra (ours): 0 turns DRY off
+    dry_base: float | None = Field(None, gt=1, le=8)  # extra (ours)
+    dry_allowed_length: int | None = Field(None, ge=1, le=64)  # extra (ours)
+    dry_penalty_last_n: int | None = Field(None, ge=-1)  # extra (ours): -1 the whole context
+    dry_sequence_breakers: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(
+        None, max_length=16)  # extra (ours)
+
+    def sampler_overrides(self) -> dict[str, Any]:
+        """The fields this request set (None: not given)."""
+        return {k: v for k in SamplerExtras.model_fields if (v := getattr(self, k)) is not None}
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
@@ -91,7 +110,7 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(SamplerExtras):
     model_config = ConfigDict(extra="ignore")
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -244,6 +263,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     owned_by: str = "memento"
     context_window: int | None = None  # extra (ours)
+    sampling: dict[str, Any] | None = None  # extra (ours): the model's sampling preset (model/presets.py)
 
 
 class ModelList(BaseModel):
@@ -285,7 +305,7 @@ class MessageOut(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class MessageCreate(BaseModel):
+class MessageCreate(SamplerExtras):
     model_config = ConfigDict(extra="forbid")
     content: str = Field(min_length=1)
     stream: bool = False

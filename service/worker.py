@@ -66,6 +66,11 @@ class Job:
         if self._emit is not None:
             self._emit(item)
 
+    @property
+    def streams(self) -> bool:
+        """Whether what the job emits reaches a client as it is generated."""
+        return self._emit is not None
+
     def cancel(self) -> None:
         self.cancel_event.set()
 

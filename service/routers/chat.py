@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from memory.store import SessionExists
 from memory.types import Session
+from model.presets import preset_for
 from service import idempotency, sse
 from service.client_messages import chat_messages, logit_bias
 from service.conversation import Conversations, Prepared, Sampling, TurnResult
@@ -60,7 +61,8 @@ ROLE_MAP = {"developer": "system", "tool": "user"}  # roles chat templates know
 
 @router.get("/models", response_model=ModelList)
 async def list_models(rt: RuntimeDep, user: UserDep) -> ModelList:
-    card = ModelCard(id=rt.model_name, created=int(rt.started_at), context_window=rt.context_window)
+    card = ModelCard(id=rt.model_name, created=int(rt.started_at), context_window=rt.context_window,
+                     sampling=preset_for(rt.model_name) or None)
     return ModelList(data=[card])
 
 
@@ -236,6 +238,7 @@ def chat_sampling_extra(body: ChatCompletionRequest) -> dict[str, Any]:
         extra["frequency_penalty"] = body.frequency_penalty
     if body.logprobs:
         extra["logprobs"] = body.top_logprobs or 0
+    extra.update(body.sampler_overrides())  # min_p, top_k, DRY ...: over the model's preset and the persona's
     return extra
 
 

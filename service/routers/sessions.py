@@ -118,6 +118,7 @@ async def post_message(
         history = messages[:at] if at is not None else None  # the user turn is stored: answer it once
     sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop_list())
     sampling.extra = sampling_extra(rt.tokenizer.vocab_size, body.presence_penalty, body.frequency_penalty, body.logit_bias, None)
+    sampling.extra.update(body.sampler_overrides())
 
     def prepare() -> Prepared:
         prep = conv.prepare(session, body.content, max_tokens=body.max_tokens, history=history)
