@@ -21,25 +21,22 @@ log = logging.getLogger("memento")
 
 
 class InFlight:
-    """Sessions with a turn in progress: a second concurrent turn would interleave the transcript
-    (user, user, assistant, assistant), so it is refused with 409 instead."""
+    """Sessions with a turn in progress, across every API process on the store: a second
+    concurrent turn would interleave the transcript (user, user, assistant, assistant), so it is
+    refused with 409 instead. Each claim is a lease in the store (memory/leases.py), renewed while
+    the turn runs; if its process dies, the lease expires within `ttl_ms` and the session is free
+    for the other replicas."""
 
-    def __init__(self) -> None:
-        self._ids: set[str] = set()
-        self._lock = threading.Lock()
+    def __init__(self, store: Any, ttl_ms: int = 10_000) -> None:
+        self.store = store
+        self.ttl_ms = ttl_ms
 
     def claim(self, session_id: str) -> Callable[[], None] | None:
-        """A release function, or None when the session is already busy."""
-        with self._lock:
-            if session_id in self._ids:
-                return None
-            self._ids.add(session_id)
+        """A release function (idempotent), or None when the session is already busy."""
+        from memory.leases import Lease
 
-        def release() -> None:
-            with self._lock:
-                self._ids.discard(session_id)
-
-        return release
+        lease = Lease.acquire(self.store, f"turn:{session_id}", self.ttl_ms)
+        return None if lease is None else lease.release
 
 
 @dataclass
@@ -53,13 +50,15 @@ class Runtime:
     background: SerialExecutor
     metrics: Metrics
     started_at: float = 0.0
-    in_flight: InFlight = field(default_factory=InFlight)
+    in_flight: Any = None  # InFlight on this store (set in __post_init__)
     _vector: Any = None
     _vector_lock: threading.Lock = field(default_factory=threading.Lock)
     _tombstones_due: bool = True  # deleted sessions' vectors may still be in Chroma (see apply_tombstones)
     backend: Any = None  # service.backend.Backend: the only way the service reaches the model
 
     def __post_init__(self) -> None:
+        if self.in_flight is None:
+            self.in_flight = InFlight(self.store)
         if self.backend is None:
             from service.backend import LocalBackend
 

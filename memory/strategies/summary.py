@@ -6,6 +6,11 @@ covers `messages[:count]` (ids `first_id`..`last_id`). Folding calls the summari
 with only the messages not yet covered, so a restart (a new strategy object reading the state)
 recomputes nothing, and `rebuild` recomputes from the original transcript.
 
+One fold at a time per session across every API process: the fold holds a lease in the store
+(`fold:<session>:<key>`; a second folder skips, the next turn catches up) and writes with
+`cas_state` over the state it read, so a fold whose lease expired mid-call (a stalled process)
+is discarded instead of folding the same messages twice.
+
 Stale summary: `after_turn` runs after the reply has streamed. Until it has, `view` returns the
 messages the summary does not cover yet verbatim in `recent` (the context-window manager
 drops the oldest of them if the window is full), so nothing is silently missing.
@@ -13,14 +18,17 @@ drops the oldest of them if the window is full), so nothing is silently missing.
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+import logging
+import time
+from typing import Any
 
+from memory.leases import Lease
+from memory.store import StoreError
 from memory.strategies.base import MemoryView, StrategyDeps, Summarizer, history_before, parse_state_range
 from memory.types import Message, Session
 
-# one fold at a time per session (after_turn may run in a background thread)
-_fold_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+log = logging.getLogger("memento.memory")
+REBUILD_WAIT_S = 30.0  # a rebuild waits this long for a running fold to finish
 
 
 class RunningSummary:
@@ -39,23 +47,45 @@ class RunningSummary:
 
     def fold(self, session_id: str, messages: list[Message], upto: int) -> None:
         """Extend the summary to cover `messages[:upto]`, summarising only the new part (one call)."""
-        with _fold_locks[session_id]:
-            text, count = self.load(session_id, messages)
+        lease = Lease.acquire(self.store, self._lease_name(session_id))
+        if lease is None:
+            return  # another process is folding this session right now
+        try:
+            state = self.store.get_state(session_id, self.key)
+            count = parse_state_range(state, messages)
             if upto <= count:
                 return
-            self._save(session_id, messages, self.summarizer(text, messages[count:upto]), upto)
+            text = (state or {}).get("text", "") if count else ""
+            self._save(session_id, messages, self.summarizer(text, messages[count:upto]), upto, expected=state)
+            log.info("summary %s of %s folded [%d:%d]", self.key, session_id, count, upto)
+        finally:
+            lease.release()
 
     def rebuild(self, session_id: str, messages: list[Message], upto: int) -> None:
-        """Recompute from the originals, ignoring the persisted summary."""
-        with _fold_locks[session_id]:
+        """Recompute from the originals, ignoring the persisted summary (waits for a running fold)."""
+        deadline = time.monotonic() + REBUILD_WAIT_S
+        while (lease := Lease.acquire(self.store, self._lease_name(session_id))) is None:
+            if time.monotonic() > deadline:
+                raise StoreError(f"session {session_id!r} stayed busy folding for {REBUILD_WAIT_S:g} s; retry")
+            time.sleep(0.1)
+        try:
             text = self.summarizer("", messages[:upto]) if upto else ""
-            self._save(session_id, messages, text, upto)
+            self._save(session_id, messages, text, upto, expected=self.store.get_state(session_id, self.key))
+        finally:
+            lease.release()
 
-    def _save(self, session_id: str, messages: list[Message], text: str, upto: int) -> None:
+    def _lease_name(self, session_id: str) -> str:
+        return f"fold:{session_id}:{self.key}"
+
+    def _save(
+        self, session_id: str, messages: list[Message], text: str, upto: int, expected: dict[str, Any] | None
+    ) -> None:
         state = {"text": text, "count": upto, "first_id": None, "last_id": None}
         if upto:
             state.update(first_id=messages[0].id, last_id=messages[upto - 1].id)
-        self.store.put_state(session_id, self.key, state)
+        if not self.store.cas_state(session_id, self.key, expected, state):
+            # our lease expired while the model summarised and someone else folded: theirs stands
+            log.warning("summary %s of %s changed while folding: this fold is discarded", self.key, session_id)
 
 
 class SummaryStrategy:

@@ -197,6 +197,36 @@ def test_summary_has_no_verbatim_turns_after_folding(store):
     assert view.recent == [] and "(4)" in view.summary
 
 
+def test_concurrent_folds_of_one_session_summarise_once(store):
+    """Two folders (two API processes in production) on one store: the lease lets one summarise;
+    the other skips. A fold whose state changed under it (lease lost) is discarded by cas_state."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    summarizer = CountingSummarizer()
+
+    def slow(previous: str, messages: list[Message]) -> str:
+        started.set()
+        release.wait(10)
+        return summarizer(previous, messages)
+
+    session = make_session(store)
+    messages = fill(store, session, 4)
+    folders = [build_strategy("summary", deps_for(store, summarizer=slow)) for _ in range(2)]
+    first = threading.Thread(target=folders[0].after_turn, args=(session, messages))
+    first.start()
+    assert started.wait(10)
+    folders[1].after_turn(session, messages)  # the lease is held: skipped, not a second summary
+    release.set()
+    first.join(10)
+    assert len(summarizer.calls) == 1 and store.get_state(session.id, "summary")["count"] == len(messages)
+
+    stale = store.get_state(session.id, "summary")
+    store.put_state(session.id, "summary", {**stale, "text": "someone else folded"})
+    folders[1].running._save(session.id, messages, "late fold", len(messages), expected=stale)
+    assert store.get_state(session.id, "summary")["text"] == "someone else folded"
+
+
 @pytest.mark.parametrize("target", ["buffer", "window", "token_buffer", "summary", "summary_buffer"])
 def test_switching_strategy_mid_session_loses_nothing(store, target):
     summarizer = CountingSummarizer()
