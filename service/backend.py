@@ -97,6 +97,8 @@ class Backend(Protocol):
 
     def check_ready(self) -> dict[str, Any]: ...  # raises APIError(503) when the engine cannot answer
 
+    def preflight(self) -> None: ...  # before a stream's headers: a 503 now beats an error event later
+
     def close(self) -> None: ...
 
 
@@ -164,6 +166,9 @@ class LocalBackend:
 
     def check_ready(self) -> dict[str, Any]:
         return {}
+
+    def preflight(self) -> None:
+        pass  # in process: nothing to reach
 
     def close(self) -> None:
         pass  # the engine's scheduler thread is a daemon; tests share one engine across apps

@@ -37,6 +37,7 @@ from service.errors import APIError
 log = logging.getLogger("memento.remote")
 
 RETRY_DELAYS = (0.2, 0.5, 1.0)  # seconds between tries before the first token: about 2 s in all
+MAX_ENGINE_STOPS = 4  # stop strings an OpenAI-compatible engine is guaranteed to accept
 PROBE_TOKENS = 1 << 17  # an over-long prompt whose refusal names llama-cpp-python's window
 _WINDOW_ERROR = re.compile(r"(?:context window of|maximum context length is) (\d+)")  # llama.cpp, OpenAI/vLLM
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
@@ -286,7 +287,7 @@ class RemoteBackend:
                            code="unsupported_by_engine")
         self.probe()
         path, body = self._request(prompt, params)
-        return self._deltas(prompt, path, body, should_stop or (lambda: False))
+        return self._deltas(prompt, path, body, list(params.stop), should_stop or (lambda: False))
 
     def complete(self, prompt: Rendered, params: GenParams, processors: Sequence[Any] = ()) -> str:
         return "".join(ev.text for ev in self.stream(prompt, params))
@@ -295,9 +296,17 @@ class RemoteBackend:
         pass  # the engine keeps no per-session state of ours
 
     def check_ready(self) -> dict[str, Any]:
-        self.probe()
-        self.http.get("/models")  # answers now, not just once at start-up
+        self.preflight()  # answers now, not just once at start-up
         return {"engine": True, "engine_url": self.url, "engine_kind": self.kind}
+
+    def preflight(self) -> None:
+        """Is the engine there? One GET on a pooled connection (about a millisecond), retried with
+        backoff, so a streamed turn to a dead engine is a 503 rather than a 200 carrying an error."""
+        self.probe()
+        try:
+            self.http.get("/models")
+        except EngineStatus as exc:
+            raise engine_unavailable(self.url, f"GET /models answered {exc.status}") from exc
 
     def close(self) -> None:
         self.http.close()
@@ -319,8 +328,11 @@ class RemoteBackend:
         return "/chat/completions", {**body, "messages": messages, "continue_final_message": True,
                                      "add_generation_prompt": False}
 
-    def _deltas(self, prompt: Rendered, path: str, body: dict[str, Any],
+    def _deltas(self, prompt: Rendered, path: str, body: dict[str, Any], stops: list[str],
                 should_stop: Callable[[], bool]) -> Iterator[Delta]:
+        from model.sampling import StopMatcher
+
+        matcher = StopMatcher(stops)  # all of them here; the engine was sent at most MAX_ENGINE_STOPS
         pieces: list[str] = []
         reason, usage = "stop", None
         payloads = self.http.stream(path, body)
@@ -331,17 +343,23 @@ class RemoteBackend:
                     break
                 usage = payload.get("usage") or usage
                 for choice in payload.get("choices") or []:
-                    text = choice_text(choice)
+                    text = matcher.push(choice_text(choice))
                     if text:
                         pieces.append(text)
                         yield Delta(text)
                     if choice.get("finish_reason"):
                         reason = "length" if choice["finish_reason"] == "length" else "stop"
+                if matcher.stopped:
+                    reason = "stop"
+                    break
         except EngineStatus as exc:
             raise self._status_error(exc) from exc
         finally:
             payloads.close()  # closes the response: the engine stops generating for a client gone
-        yield Delta("", finished=True, finish_reason=reason, usage=self._usage(prompt, pieces, usage))
+        tail = matcher.flush()
+        if tail:
+            pieces.append(tail)
+        yield Delta(tail, finished=True, finish_reason=reason, usage=self._usage(prompt, pieces, usage))
 
     def _status_error(self, exc: EngineStatus) -> APIError:
         if exc.status >= 500:
@@ -376,8 +394,8 @@ def sampling_body(params: GenParams) -> dict[str, Any]:
                             "top_p": params.top_p}
     if params.seed is not None:
         body["seed"] = params.seed
-    if params.stop:
-        body["stop"] = list(params.stop)
+    if params.stop:  # OpenAI (and Memento) take at most 4; the rest are matched on our side
+        body["stop"] = list(params.stop)[:MAX_ENGINE_STOPS]
     extra = params.extra
     for key in ("presence_penalty", "frequency_penalty"):
         if extra.get(key):

@@ -21,9 +21,13 @@ from typing import Any
 MESSAGE_FRAME = 6  # tokens a chat template adds around one message (ChatML: 5; Llama 3: 5; Gemma: 5)
 GENERATION_FRAME = 4  # the assistant header that opens the reply
 CACHE_ENTRIES = 8192  # distinct texts remembered; transcripts re-count the same messages every turn
+UNKNOWN_VOCAB = 2**31 - 1  # the engine's vocabulary size is not published: it checks logit_bias ids itself
 
 
 class EngineCounter:
+    vocab_size = UNKNOWN_VOCAB
+    bos_id = None
+
     def __init__(self, http: Any, model: Callable[[], str | None]):
         self.http = http
         self.model = model

@@ -161,6 +161,8 @@ async def start_turn(
         job = conv.turn_job(prep, sampling)
         timeout = rt.settings.request_timeout
         if stream:
+            if rt.settings.engine_url:  # a remote engine that is down: 503 now, not a 200 carrying an error
+                await run_in_threadpool(rt.backend.preflight)
             keepalive = rt.settings.keepalive_seconds
             return open_stream(rt.worker, job, keepalive=keepalive, timeout=timeout, on_done=release, owner=owner)
         return await run_job(rt.worker, job, timeout=timeout, on_done=release, owner=owner)
