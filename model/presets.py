@@ -5,7 +5,8 @@
 
 The numbers come from `python -m persona.measure_quality` (README, "Conversation quality"): both
 built-in models are tiny and loop without a repetition-aware sampler, so both use DRY and min-p.
-gemma-3-270m is a base model that writes no end-of-turn marker, so a blank line ends its reply.
+gemma-3-270m is a base model that rarely writes its end-of-turn marker and, past a newline, drifts into
+other languages and copies of earlier replies, so a newline ends its reply (a chat message is one line).
 Any other model (a GGUF the user brings) gets no preset: OpenAI's defaults, which the request
 and the persona file can still change. The service shows each model's preset in `/v1/models`.
 """
@@ -24,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gemma-3-270m": {
         "temperature": 0.7, "top_p": 1.0, "min_p": 0.1, "repetition_penalty": 1.0,
         "dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": -1,
-        "stop": ["\n\n"],
+        "stop": ["\n"],
     },
     "smollm2-135m-instruct": {
         "temperature": 0.7, "top_p": 1.0, "min_p": 0.1, "repetition_penalty": 1.0,

@@ -29,7 +29,7 @@ from typing import Any
 from persona import quality, register_policy
 from persona.korean import classify_sentences
 from persona.measure_register import FATHER_LINES
-from persona.prompt import build_prompt_parts, post_history_note, user_name_for
+from persona.prompt import build_prompt_parts, post_history_note
 from persona.registry import PersonaRegistry
 
 CUSTOMER_LINES = [
@@ -109,7 +109,7 @@ def _labels(history: list[dict[str, str]]) -> list[str]:
 
 
 def converse(engine, persona, mode: str, turns: int, sampling: dict[str, Any], seed: int, max_tokens: int,
-             checked: bool = True, probe: bool = True) -> ChatRun:
+             checked: bool = True, probe: bool = True, verbose: bool = False) -> ChatRun:
     """The scripted chat (lines cycle past the script's end), then the persona's fact probes."""
     from model import SamplingParams
 
@@ -134,13 +134,16 @@ def converse(engine, persona, mode: str, turns: int, sampling: dict[str, Any], s
         else:
             score(run, rules, raw, stored)
             run.examples.append((line, raw, stored))
+        if verbose:
+            print(f"  [{i}] {run.seconds[-1]:.1f}s {line} -> {stored!r}" + ("" if raw == stored else f"  (raw {raw!r})"),
+                  flush=True)
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": stored or "..."}]
     return run
 
 
 def score(run: ChatRun, rules: quality.ReplyRules, raw: str, stored: str) -> None:
-    run.raw_leaks += quality.find_leak(raw, rules.instructions, rules.markers) is not None
-    run.stored_leaks += quality.find_leak(stored, rules.instructions, rules.markers) is not None
+    run.raw_leaks += quality.find_leak(raw, rules.instructions, rules.markers, rules.language) is not None
+    run.stored_leaks += quality.find_leak(stored, rules.instructions, rules.markers, rules.language) is not None
     run.raw_degenerate += bool(quality.degeneration(raw, rules.earlier, rules.language, rules.names))
     run.degenerate += bool(quality.degeneration(stored, rules.earlier, rules.language, rules.names))
     run.register += [s.label for s in classify_sentences(stored)] if rules.language == "ko" else []
@@ -206,12 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         targets[name] = persona.register if persona.register != "any" else None
         for mode in a.modes.split(","):
             run = converse(engine, persona, mode, a.turns, sampling, a.seed, a.max_tokens, checked=not a.raw,
-                           probe=not a.no_probe)
+                           probe=not a.no_probe, verbose=a.show_replies)
             runs.append(run)
             print(format_table([run], targets).splitlines()[-1], flush=True)
-            if a.show_replies:
-                for user, raw, stored in run.examples:
-                    print(f"  {user_name_for(persona)}: {user}\n    raw:    {raw!r}\n    stored: {stored!r}")
     print(format_table(runs, targets))
 
 

@@ -28,7 +28,10 @@ CARRIER_MARKERS = (
     "(기억해:", "(기억하세요:", "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>",
     "<|start_header_id|>", "<|eot_id|>",
 )
-LEAK_WORDS = 3  # an instruction's run of this many words in a reply is an echo, not a coincidence
+# an instruction's run of this many words in a reply is an echo, not a coincidence; Korean words carry
+# their particles ("반말로 다정하게"), so two of them already are the instruction's own phrase
+LEAK_WORDS = {"ko": 2}
+LEAK_WORDS_DEFAULT = 3
 REPEAT_TIMES = 4  # a phrase this many times is a loop
 MIN_PAIRS = 6  # fewer word pairs than this: too short to judge distinctness or copying
 _WORD_RE = re.compile(r"[^\W_]+", re.UNICODE)
@@ -48,7 +51,8 @@ def _word_spans(text: str) -> list[tuple[int, str]]:
     return [(m.start(), m.group().lower()) for m in _WORD_RE.finditer(text)]
 
 
-def find_leak(reply: str, instructions: Iterable[str] = (), markers: Iterable[str] = ()) -> Leak | None:
+def find_leak(reply: str, instructions: Iterable[str] = (), markers: Iterable[str] = (),
+              language: str = "en") -> Leak | None:
     """The earliest point where `reply` writes a carrier marker (CARRIER_MARKERS + `markers`, e.g.
     "\n아빠:" — the user's next line) or LEAK_WORDS consecutive words of one of `instructions` (an
     instruction shorter than that: all of its words; the echo is cut from its bracket or line start)."""
@@ -57,7 +61,7 @@ def find_leak(reply: str, instructions: Iterable[str] = (), markers: Iterable[st
     reply_words = [w for _, w in spans]
     for text in instructions:
         inst = words(text)
-        n = min(LEAK_WORDS, len(inst))
+        n = min(LEAK_WORDS.get(language.split("-")[0], LEAK_WORDS_DEFAULT), len(inst))
         if n < 2:  # one word is no evidence of copying
             continue
         grams = {tuple(inst[i : i + n]) for i in range(len(inst) - n + 1)}
@@ -69,15 +73,14 @@ def find_leak(reply: str, instructions: Iterable[str] = (), markers: Iterable[st
 
 
 def _line_start(text: str, pos: int) -> int:
-    """Back up to the start of the echo's bracket or line ("[지시: 지우는 ..." is cut at "[")."""
-    for opener in ("[", "(", "\n"):
-        j = text.rfind(opener, 0, pos)
-        if j >= 0 and "\n" not in text[j + 1 : pos] and not _SENTENCE_END.search(text[j:pos]):
-            return j
-    return pos
+    """Back up to where the echo's sentence, bracket or line starts ("좋아! 지우는 아빠에게 ..." and
+    "좋아! [지시: 지우는 ..." are both cut after "좋아!"): a half-sentence of the note is no reply."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text, 0, pos)]
+    openers = [text.rfind(o, 0, pos) for o in ("[", "(", "\n")]
+    return max([0, *ends, *openers])
 
 
-_SENTENCE_END = re.compile(r"[.!?。]\s")
+_SENTENCE_END = re.compile(r"[.!?。~]+\s*")
 
 
 def cut_leak(reply: str, leak: Leak | None) -> str:
@@ -209,7 +212,7 @@ class ReplyRules:
     def problems(self, reply: str) -> tuple[str, list[str]]:
         """(the reply with any leak cut off, what is still wrong with it: "leak_only" when nothing
         but the echo was there, then the degeneration reasons)."""
-        leak = find_leak(reply, self.instructions, self.markers)
+        leak = find_leak(reply, self.instructions, self.markers, self.language)
         text = cut_leak(reply, leak)
         if leak is not None and not words(text):
             return text, ["leak_only"]
@@ -228,7 +231,7 @@ def settle(reply: str, rules: ReplyRules, regenerate=None, max_retries: int = 2)
     one, else the least bad (fewest problems, a looping phrase cut). The metadata says what happened."""
     text, problems = rules.problems(reply)
     meta: dict = {}
-    if text != reply.strip() and find_leak(reply, rules.instructions, rules.markers):
+    if text != reply.strip() and find_leak(reply, rules.instructions, rules.markers, rules.language):
         meta["leak_cut"] = True
     best, best_problems, tries = text, problems, 0
     while best_problems and regenerate is not None and tries < max_retries:

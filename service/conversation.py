@@ -8,7 +8,9 @@
 Order of a turn: load the session (owner-checked) -> persona parts (with a register reminder
 when recent replies drifted) -> the memory strategy's view -> `build_context` -> chat template
 -> [worker] store the user message -> backend.stream (session id = KV reuse; RegisterGuard as a
-logit processor in `guard` mode where the backend applies them) -> register post-check / repair
+logit processor in `guard` mode where the backend applies them; the model's sampling preset and
+the carriers' stop strings, service/reply_check.py) -> reply check (a leaked instruction cut, a
+degenerate reply generated again) -> register post-check / repair
 -> store the reply with metadata -> `after_turn` on the background thread, off the critical path.
 
 Everything model-side goes through `rt.backend` (service/backend.py): the local engine or a remote

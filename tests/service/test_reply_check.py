@@ -4,6 +4,7 @@ reply check that never stores a leaked instruction and regenerates a degenerate 
 from __future__ import annotations
 
 from model.engine import GenerationEvent, Usage
+from model.presets import preset_for
 from persona.quality import rules_for
 from persona.schema import Persona, PersonaSampling
 from service import reply_check
@@ -22,7 +23,7 @@ def test_preset_then_persona_then_request_and_the_carrier_stops():
     assert out.temperature == 0.7 and out.top_p == 1.0  # the preset's
     assert out.extra["min_p"] == 0.2  # the persona's, over the preset's 0.1
     assert out.extra["dry_multiplier"] == 0.5 and out.extra["logprobs"] == 2  # the request's, kept
-    assert out.stop[0] == "END" and "\n\n" in out.stop and "[System note" in out.stop and "\n아빠:" in out.stop
+    assert out.stop[0] == "END" and preset_for("gemma-3-270m")["stop"][0] in out.stop and "[System note" in out.stop and "\n아빠:" in out.stop
     bare = reply_check.turn_sampling(Sampling(temperature=0.0), "some-gguf", DAUGHTER, persona_prompt=False)
     assert bare.temperature == 0.0 and bare.stop == [] and bare.extra == {}  # no preset, no persona prompt
 
