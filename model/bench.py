@@ -7,8 +7,9 @@ One process, same GGUF, same dtype, same prompts, greedy, batch 1:
 - prefill tokens/s: a ~256-token prompt, time to the first token with nothing cached;
 - decode tokens/s: 64 new tokens of a chat reply (end-of-turn tokens suppressed on both sides so
   lengths match);
-  ours as configured by default (the batched engine with one sequence),
-  and with weights kept quantized ("ours (quantized weights, fp32 compute)", model/qlinear.py);
+  ours as configured by default (the batched engine with one sequence; on CPU a GGUF's weights stay
+  packed int4, model/qlinear.py), and with the other weight mode ("ours (float32 weights)": the
+  values transformers runs, so its greedy tokens must equal transformers');
 - TTFT at turns 1, 10, 20, 30 of a scripted chat: ours with session reuse (the KV cache of the
   previous turns is kept), ours without, and transformers re-prefilling the whole history
   (its fair use: `generate` keeps no cache between calls).
@@ -130,22 +131,20 @@ def load_hf(lm):
 # ---- sections -------------------------------------------------------------------------------------
 
 
-def load_quantized(lm):
-    """The same GGUF with weights kept as integers (model/qlinear.py), kernels compiled up front;
-    None where that mode has nothing to add (not a GGUF on CPU in float32)."""
-    from model.qlinear import QLinear, warm_up
+def load_alternate(lm):
+    """The same GGUF in the other weight mode: (label, model), or None where there is none (not a
+    GGUF on CPU in float32). Quantized by default means the alternate is float32, and back."""
+    from model.qlinear import QLinear
     from model.registry import load_model
 
     if not str(lm.path).endswith(".gguf") or lm.device.type != "cpu" or lm.dtype != torch.float32:
         return None
-    if any(isinstance(m, QLinear) for m in lm.model.modules()):
-        return None  # the main row is quantized already (MEMENTO_WEIGHTS=quantized)
-    lq = load_model(lm.path, device=lm.device, dtype=lm.dtype, progress=False, weights="quantized")
-    warm_up(lq.model)
-    return lq
+    quantized = any(isinstance(m, QLinear) for m in lm.model.modules())
+    weights, label = ("float", "float32 weights") if quantized else ("quantized", "packed int4 weights")
+    return label, load_model(lm.path, device=lm.device, dtype=lm.dtype, progress=False, weights=weights)
 
 
-def throughput(lm, hf, eos, lq=None) -> dict:
+def throughput(lm, hf, eos, alt=None) -> dict:
     tok = lm.tokenizer
     text = " ".join(f"{user_message(i)} {SYSTEM}" for i in range(20))
     prompt = tok.encode(text)[:PREFILL_TOKENS]
@@ -155,7 +154,10 @@ def throughput(lm, hf, eos, lq=None) -> dict:
                                      {"role": "user", "content": "Tell me a short story about a lighthouse keeper."}])
     out: dict = {"prefill_prompt_tokens": len(prompt), "decode_tokens": DECODE_TOKENS}
     eng = Engine(lm)
-    qeng = Engine(lq) if lq is not None else None  # quantized weights, same engine settings as `eng`
+    la = alt[1] if alt else None
+    qeng = Engine(la) if la is not None else None  # the other weight mode, same engine settings
+    if alt:
+        out["alt_label"] = alt[0]
     ours_stream_times(eng, short, 4, eos=eos)  # warm-up
     if qeng is not None:
         ours_stream_times(qeng, short, 4, eos=eos)
@@ -177,10 +179,10 @@ def throughput(lm, hf, eos, lq=None) -> dict:
         hf_ids = hf_generate(hf, short, 16, eos)
         out["same_greedy_tokens"] = ours_ids == hf_ids
         if qeng is not None:
-            out["quantized_decode_ratio"] = out["ours_quantized_decode_tok_s"] / out["hf_decode_tok_s"]
-            q_ids = Engine(lq).complete(short, SamplingParams(temperature=0, max_tokens=16),
+            out["alt_decode_ratio"] = out["ours_alt_decode_tok_s"] / out["hf_decode_tok_s"]
+            q_ids = Engine(la).complete(short, SamplingParams(temperature=0, max_tokens=16),
                                         logits_processors=[ban(eos)]).token_ids
-            out["quantized_same_greedy_tokens"] = q_ids == hf_ids
+            out["alt_same_greedy_tokens"] = q_ids == hf_ids
     return out
 
 
@@ -192,7 +194,7 @@ def timed_runs(lm, hf, eng, prompt, short, eos, qeng=None) -> dict[str, Callable
         "ours_decode_tok_s": lambda: ours_stream_times(eng, short, n, eos=eos)[1],
     }
     if qeng is not None:
-        runs["ours_quantized_decode_tok_s"] = lambda: ours_stream_times(qeng, short, n, eos=eos)[1]
+        runs["ours_alt_decode_tok_s"] = lambda: ours_stream_times(qeng, short, n, eos=eos)[1]
     if hf is not None:
         runs["hf_prefill_tok_s"] = lambda: len(prompt) / median_time(lambda: hf_generate(hf, prompt, 1, eos), 1)
         runs["hf_decode_tok_s"] = lambda: (n - 1) / (
@@ -302,7 +304,7 @@ def run_bench(
     json_out: bool = False,
     compare_hf: bool = True,
     gpu: bool = True,
-    quantized: bool = True,
+    alternate: bool = True,
 ) -> dict:
     """Run every section and return the numbers; with json_out, also print them as JSON on stdout.
     Progress goes to stderr."""
@@ -322,10 +324,10 @@ def run_bench(
     result["transformers"] = "compared" if hf is not None else "skipped (not importable, or dtype is not float32)"
     eos = set(lm.tokenizer.eos_ids)
     say("prefill / decode throughput")
-    lq = load_quantized(lm) if quantized else None
-    if lq is not None:
-        say("quantized weights loaded and compiled (model/qlinear.py)")
-    result["throughput"] = throughput(lm, hf, eos, lq)
+    alt = load_alternate(lm) if alternate else None
+    if alt is not None:
+        say(f"also loaded with {alt[0]}")
+    result["throughput"] = throughput(lm, hf, eos, alt)
     say(f"scripted conversation, TTFT at turns {turns}")
     result["ttft"] = conversation_ttft(lm, hf, turns)
     t, c = result["throughput"], result["ttft"]
@@ -356,13 +358,13 @@ def print_table(result: dict, file=None) -> None:
       f"{_fmt(t.get('prefill_ratio'), '.2f'):>8}")
     p(f"{'decode tok/s':40}{_fmt(t['ours_decode_tok_s']):>10}{_fmt(t.get('hf_decode_tok_s')):>14}"
       f"{_fmt(t.get('decode_ratio'), '.2f'):>8}")
-    if "ours_quantized_decode_tok_s" in t:
-        p(f"{'ours (quantized weights, fp32 compute)':40}{_fmt(t['ours_quantized_decode_tok_s']):>10}{'':>14}"
-          f"{_fmt(t.get('quantized_decode_ratio'), '.2f'):>8}")
+    if "ours_alt_decode_tok_s" in t:
+        p(f"{'ours (' + t['alt_label'] + ')':40}{_fmt(t['ours_alt_decode_tok_s']):>10}{'':>14}"
+          f"{_fmt(t.get('alt_decode_ratio'), '.2f'):>8}")
     if "same_greedy_tokens" in t:
         p(f"same greedy tokens as transformers: {t['same_greedy_tokens']}"
-          + (f"  (quantized weights: {t['quantized_same_greedy_tokens']})"
-             if "quantized_same_greedy_tokens" in t else ""))
+          + (f"  ({t['alt_label']}: {t['alt_same_greedy_tokens']})"
+             if "alt_same_greedy_tokens" in t else ""))
     c = result["ttft"]
     p("")
     p(f"{'TTFT (ms)':10}{'prompt':>8}{'cached':>8}{'ours reuse':>12}{'ours fresh':>12}{'transformers':>14}")

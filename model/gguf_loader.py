@@ -22,7 +22,7 @@ import torch
 from model.config import ModelArgs, ModelLoadError
 from model.dequant import SUPPORTED_TYPES, dequantize
 from model.gguf_meta import GGUFHeader, read_header
-from model.qlinear import QUANTIZED_TYPES, QWeight, permute_rows, split_blocks
+from model.qlinear import QUANTIZED_TYPES, QWeight, pack, permute_rows, split_blocks
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
@@ -170,8 +170,9 @@ def read_gguf(path: str | Path, max_seq_len: int | None = None, progress: bool =
               header: GGUFHeader | None = None, weights: str = "float") -> tuple[ModelArgs, dict[str, Any]]:
     """ModelArgs and our-named CPU tensors (cast to `dtype` one by one to bound peak memory).
 
-    weights="quantized": 2-D tensors of a type model/qlinear.py handles stay integers, returned as
-    `QWeight` (q, d, m) instead of float tensors (see QLinear); the rest are dequantized as usual.
+    weights="quantized": 2-D tensors of a type model/qlinear.py handles stay quantized, packed into
+    int4 planes as each is read (`PackedWeight`, see QLinear), so no float copy of the whole model
+    ever exists; the rest (norms, biases) are dequantized as usual.
 
     Raises ModelLoadError for a missing/truncated file, unknown architecture or quant type.
     """
@@ -195,7 +196,7 @@ def read_gguf(path: str | Path, max_seq_len: int | None = None, progress: bool =
         if ours is None:
             raise ModelLoadError(f"{path}: unexpected tensor {info.name!r} for architecture {arch!r}")
         if weights == "quantized" and info.ggml_type in QUANTIZED_TYPES and len(info.shape) == 2:
-            state[ours] = _read_quantized(header, info, ours, args, arch)  # stays integers (QLinear)
+            state[ours] = pack(_read_quantized(header, info, ours, args, arch))  # QLinear's planes
             continue
         w = _read_tensor(header, info)
         if arch == "llama" and ours.split(".")[-2] in ("wq", "wk"):

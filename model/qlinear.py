@@ -1,15 +1,16 @@
-"""Quantized GGUF weights kept as integers: fused dequantize + matmul for memory-bound CPU decode.
+"""Quantized GGUF weights kept packed: torch's int4 CPU kernel over 4-bit planes.
 
     qw = split_blocks(raw, GGMLQuantizationType.Q4_1, (N, K))   # QWeight: q int, d/m float32 per group
-    lin = QLinear(qw)            # y = x @ w.T with w = d*q + m rebuilt on the fly
-    emb = QEmbedding(qw)         # rows dequantized on lookup
-    install_quantized(model, {"layers.0.attention.wq.weight": qw, ...})
+    pw = pack(qw)                 # PackedWeight: one or two int4 planes + bf16 scales (frees q)
+    lin = QLinear(pw)             # y = x @ w.T, one torch._weight_int4pack_mm_for_cpu per plane
+    emb = QEmbedding(pw)          # rows dequantized on lookup, from the same bytes (tied heads share)
+    install_quantized(model, {"layers.0.attention.wq.weight": pw, ...})
 
 Decode reads every weight once per token, so a float32 copy (4 bytes/weight) is bandwidth bound;
-int8/uint8 plus one float32 (d, m) pair per group of 32 is ~1.25 bytes/weight. Every supported
-ggml block type is written as w = d * q + m per group of G values (m = 0 for symmetric types),
-with d and m computed by the same float32 operations as model/dequant.py, so `dequantized()`
-equals `dequantize()` bit for bit. The fused kernels are torch.compile'd (Inductor) once per shape.
+a 4-bit plane is 0.56 bytes/weight. Every supported ggml block type is first written as
+w = d * q + m per group (m = 0 for symmetric types), with d and m computed by the same float32
+operations as model/dequant.py, so `QWeight.dequantized()` equals `dequantize()` bit for bit;
+packing then maps that onto the kernel's format (below), exactly but for bf16 rounding.
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ from torch import nn
 from model.dequant import _f16, _k_nibbles, _k_scales, _nibbles, _q5_bits
 
 Q = GGMLQuantizationType
-DEQUANT_CHUNK = 1 << 21  # float32 values dequantized at once for multi-token inputs (8 MB)
-GEMV_ROWS = 2  # up to this many input rows, one fused GEMV each beats dequantize + matmul (measured)
-RECOMPILE_LIMIT = 64  # one compiled kernel per weight shape; a model has ~5-10 shapes
 
 
 @dataclass
@@ -41,14 +39,6 @@ class QWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
-
-    def rows(self, index: torch.Tensor) -> QWeight:
-        m = None if self.m is None else self.m[index]
-        return QWeight(self.q[index], self.d[index], m, self.group)
-
-    def to(self, device: torch.device | str) -> QWeight:
-        m = None if self.m is None else self.m.to(device)
-        return QWeight(self.q.to(device), self.d.to(device), m, self.group)
 
     def dequantized(self) -> torch.Tensor:
         """Float32 weights, eager ops (no FMA contraction): identical to model/dequant.py."""
@@ -140,126 +130,201 @@ def permute_rows(qw: QWeight, fn) -> QWeight:
     return QWeight(fn(qw.q).contiguous(), fn(qw.d).contiguous(), m, qw.group)
 
 
-# -- fused kernels ------------------------------------------------------------------------------
+# -- torch's packed int4 CPU kernel ---------------------------------------------------------------
+# torch._weight_int4pack_mm_for_cpu(x bf16 (B, K), packed (N, K/2) uint8, 32, sz bf16 (K/32, N, 2))
+# computes x @ w.T with w = (u - 8) * scale + zero for 4-bit u, groups of 32 along K, in one pass
+# over the nibbles (AVX512/AMX where the CPU has them). Its float32 variant is a slow reference
+# loop, so activations go through it as bfloat16 and come back float32: the only precision loss
+# against the dequantized float32 weights (bf16 inputs, scales and outputs; see README).
+#
+# Any integer weight w = d * q + m maps onto it exactly: with u = q + o in [0, 255] split into
+# nibbles u = 16h + l, w = 16d (h - 8) + d (l - 8) + ((136 - o) d + m); one plane (u = q - min(q),
+# zero (8 - o) d + m) when q spans at most 16 values. Q4_* types take one plane (0.5625
+# bytes/weight with bf16 scales), Q5_*/Q8_0 two; Q6_K's 16-value scales are requantized to int8
+# per 32 (error <= 1/254 of the group's largest weight, 8x finer than Q6_K's own step).
+
+GROUP = 32  # the kernel's smallest group size
+ROW_BLOCK = 64  # the packed layout interleaves rows in blocks of 64 (N is padded to a multiple)
 
 
-def _gemv(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    """x (K,) -> (N,): sum over groups of x_g . (d_g * q_g + m_g), dequantized inside the reduction."""
-    n, kg = d.shape
-    w = q.view(n, kg, -1).float() * d[..., None]
-    if m is not None:
-        w = w + m[..., None]
-    return (x[None] * w.view(n, -1)).sum(-1)  # one flat reduction over K: Inductor's fastest form
+def int4_supported() -> bool:
+    """This torch has the CPU packed-int4 kernels (torch >= 2.6) and its layout is the one we read."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and _layout_ok()
 
 
-def _dequant(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    n, kg = d.shape
-    w = q.view(n, kg, -1).float() * d[..., None]
-    if m is not None:
-        w = w + m[..., None]
-    return w.view(n, -1)
+_LAYOUT: list[bool] = []
 
 
-_compiled: dict[str, object] = {}
+def _layout_ok() -> bool:
+    """Embedding lookups read rows straight from the packed bytes; check once that the layout
+    (64-row blocks, K-major, row r in byte r % 32, low nibble for r % 64 < 32) is this torch's."""
+    if not _LAYOUT:
+        u = torch.randint(0, 16, (2 * ROW_BLOCK, 2 * GROUP), generator=torch.Generator().manual_seed(0))
+        packed = torch._convert_weight_to_int4pack_for_cpu(u.int(), 1)
+        rows = torch.arange(u.shape[0])
+        _LAYOUT.append(torch.equal(_unpack_rows(packed, rows, u.shape[1]), u.to(torch.uint8)))
+    return _LAYOUT[0]
 
 
-def _kernel(name: str):
-    """torch.compile'd kernel, created lazily; one graph per weight shape (no per-token recompiles)."""
-    if name not in _compiled:
-        cfg = torch._dynamo.config
-        cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)  # shapes, not tokens, recompile
-        fn = {"gemv": _gemv, "dequant": _dequant}[name]
-        _compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
-    return _compiled[name]
+def _unpack_rows(packed: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """4-bit values u (len(rows), K) of the given rows, read from torch's packed CPU layout."""
+    blocks = packed.view(-1, k, GROUP)  # (N / 64, K, 32): byte (b, k, r % 32) holds rows b*64 + r
+    byte = blocks[rows // ROW_BLOCK, :, rows % GROUP]  # (R, K)
+    shift = ((rows % ROW_BLOCK) // GROUP * 4).to(torch.uint8)[:, None]
+    return (byte >> shift) & 15
 
 
-def _register(module: nn.Module, qw: QWeight) -> None:
-    module.register_buffer("q", qw.q)
-    module.register_buffer("d", qw.d)
-    module.register_buffer("m", qw.m)  # None is allowed: symmetric types
-    module.group = qw.group
+@dataclass
+class Int4Plane:
+    """One packed 4-bit plane: w_plane = (u - 8) * scale + zero per group of 32."""
+
+    packed: torch.Tensor  # (N_pad, K / 2) uint8, torch's CPU layout
+    sz: torch.Tensor  # (K / 32, N_pad, 2) bfloat16: scale, zero
+
+
+def _plane(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Plane:
+    """u (N, K) in [0, 15], scale/zero (N, K/32) float32 -> a plane padded to 64 rows."""
+    pad = -u.shape[0] % ROW_BLOCK
+    if pad:  # padded rows: u = 8, scale = zero = 0, so they compute 0 and are sliced off
+        u = torch.cat([u, torch.full((pad, u.shape[1]), 8, dtype=u.dtype)])
+        scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale, zero))
+    packed = torch._convert_weight_to_int4pack_for_cpu(u.int().contiguous(), 1)
+    sz = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()
+    return Int4Plane(packed, sz)
+
+
+def _regroup(qw: QWeight) -> QWeight:
+    """Groups of 16 (Q6_K) -> int8 per 32 on the float32 values; others are returned as they are."""
+    if qw.group == GROUP:
+        return qw
+    n, k = qw.shape
+    w = qw.dequantized().view(n, k // GROUP, GROUP)
+    d = w.abs().amax(-1) / 127
+    d = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.round(w / d[..., None]).clamp(-127, 127).to(torch.int8)
+    return QWeight(q.view(n, k), d, None, GROUP)
+
+
+def to_planes(qw: QWeight) -> list[Int4Plane]:
+    """QWeight -> one or two int4 planes computing the same w (see the comment above)."""
+    qw = _regroup(qw)
+    n, k = qw.shape
+    lo_q, hi_q = int(qw.q.min()), int(qw.q.max())
+    m = qw.m if qw.m is not None else torch.zeros_like(qw.d)
+    if hi_q - lo_q < 16:  # one plane: u = q - min(q)
+        o = -lo_q
+        return [_plane((qw.q.to(torch.int16) + o), qw.d, (8 - o) * qw.d + m)]
+    # Two planes. Centre u on 128 so the high nibble sits near 8: its plane's values (h - 8) * 16d
+    # stay as small as the weights themselves, and bf16 rounding of 16d costs no more than of d.
+    o = 128 - (lo_q + hi_q + 1) // 2
+    u = qw.q.to(torch.int16) + o
+    hi, lo = u >> 4, u & 15
+    return [_plane(hi, 16 * qw.d, torch.zeros_like(qw.d)), _plane(lo, qw.d, (136 - o) * qw.d + m)]
+
+
+def _plane_matmul(x: torch.Tensor, p: Int4Plane) -> torch.Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x, p.packed, GROUP, p.sz)
+
+
+def _plane_rows(p: Int4Plane, rows: torch.Tensor) -> torch.Tensor:
+    """Float32 weights of `rows` of one plane."""
+    k = p.packed.shape[1] * 2
+    u = _unpack_rows(p.packed, rows, k).float().view(len(rows), k // GROUP, GROUP)
+    sz = p.sz[:, rows].float()  # (K/32, R, 2)
+    scale, zero = sz[..., 0].T[..., None], sz[..., 1].T[..., None]
+    return ((u - 8) * scale + zero).view(len(rows), k)
+
+
+class PackedWeight(nn.Module):
+    """Holds a weight's planes as buffers (so .to() and state_dict see them), shared when tied."""
+
+    def __init__(self, planes: list[Int4Plane], shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.n_planes = len(planes)
+        for i, p in enumerate(planes):
+            self.register_buffer(f"packed{i}", p.packed)
+            self.register_buffer(f"sz{i}", p.sz)
+        self.out_features, self.in_features = shape
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def planes(self) -> list[Int4Plane]:
+        return [Int4Plane(getattr(self, f"packed{i}"), getattr(self, f"sz{i}")) for i in range(self.n_planes)]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, K) float -> (B, N) float32."""
+        xb = x.to(torch.bfloat16).contiguous()
+        y = None
+        for p in self.planes():
+            part = _plane_matmul(xb, p).float()
+            y = part if y is None else y + part
+        return y[:, : self.out_features]
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 weight rows (an embedding lookup), summed over planes."""
+        return sum(_plane_rows(p, rows) for p in self.planes())
+
+
+def pack(qw: QWeight) -> PackedWeight:
+    return PackedWeight(to_planes(qw), qw.shape)
+
+
+def _weights(qw: QWeight | PackedWeight) -> PackedWeight:
+    return qw if isinstance(qw, PackedWeight) else pack(qw)
 
 
 class QLinear(nn.Module):
-    """nn.Linear replacement over a QWeight: y = x @ w.T + bias with w rebuilt from q, d, m."""
+    """nn.Linear replacement over packed int4 planes: y = x @ w.T + bias, one kernel per plane."""
 
-    def __init__(self, qw: QWeight, bias: torch.Tensor | None = None, compile: bool = True) -> None:
+    def __init__(self, qw: QWeight | PackedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        _register(self, qw)
+        self.w = _weights(qw)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.out_features, self.in_features = qw.shape
-        self.compile = compile
-
-    def qweight(self) -> QWeight:
-        return QWeight(self.q, self.d, self.m, self.group)
+        self.out_features, self.in_features = self.w.out_features, self.w.in_features
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight().dequantized()
+        """The float32 weights this module computes with (bf16 scales applied)."""
+        return self.w.rows(torch.arange(self.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()
-        if x2.shape[0] <= GEMV_ROWS:  # decode (+ a short draft): fused passes over the integers
-            gemv = _kernel("gemv") if self.compile else _gemv
-            y = torch.stack([gemv(row, self.q, self.d, self.m) for row in x2])
-        else:  # prefill / draft verification: dequantize a chunk of rows at a time, then matmul
-            y = torch.cat([x2 @ w.T for w in self._weight_chunks()], dim=-1)
+        y = self.w.matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).view(*lead, self.out_features)
 
-    def _weight_chunks(self):
-        deq = _kernel("dequant") if self.compile else _dequant
-        rows = max(1, DEQUANT_CHUNK // self.in_features)
-        for i in range(0, self.out_features, rows):
-            m = None if self.m is None else self.m[i : i + rows]
-            yield deq(self.q[i : i + rows], self.d[i : i + rows], m)
-
-
-@torch.inference_mode()
-def warm_up(model: nn.Module) -> int:
-    """Compile every QLinear's kernels now (one-token and multi-token paths), so that no compile
-    lands inside a timed or user-facing call. Returns the number of QLinear modules."""
-    mods = [m for m in model.modules() if isinstance(m, QLinear)]
-    for mod in mods:
-        for rows in (1, GEMV_ROWS + 1):
-            mod(torch.zeros(rows, mod.in_features, device=mod.q.device))
-    return len(mods)
-
 
 class QEmbedding(nn.Module):
-    """nn.Embedding replacement over a QWeight: dequantizes only the looked-up rows (exactly)."""
+    """nn.Embedding replacement over the same planes: only the looked-up rows are dequantized."""
 
-    def __init__(self, qw: QWeight, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, qw: QWeight | PackedWeight, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        _register(self, qw)
-        self.num_embeddings, self.embedding_dim = qw.shape
+        self.w = _weights(qw)
+        self.num_embeddings, self.embedding_dim = self.w.out_features, self.w.in_features
         self.dtype = dtype
 
-    def qweight(self) -> QWeight:
-        return QWeight(self.q, self.d, self.m, self.group)
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        flat = tokens.reshape(-1)
-        rows = self.qweight().rows(flat).dequantized()
+        rows = self.w.rows(tokens.reshape(-1).to(torch.long))
         return rows.to(self.dtype).view(*tokens.shape, self.embedding_dim)
 
 
-def install_quantized(model: nn.Module, weights: dict[str, QWeight], device: torch.device | str = "cpu",
+def install_quantized(model: nn.Module, weights: dict[str, PackedWeight | QWeight],
                       dtype: torch.dtype = torch.float32) -> None:
     """Swap the nn.Linear / nn.Embedding owning each `<module>.weight` in `weights` for QLinear /
-    QEmbedding (bias kept). A tied output head shares the embedding's integers."""
-    weights = {k: v.to(device) for k, v in weights.items()}
-    for name, qw in weights.items():
+    QEmbedding (bias kept). A tied output head shares the embedding's packed bytes. CPU only."""
+    weights = {k: _weights(v) for k, v in weights.items()}
+    for name, pw in weights.items():
         path = name.removesuffix(".weight")
         parent_name, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr)
         if isinstance(old, nn.Embedding):
-            setattr(parent, attr, QEmbedding(qw, dtype))
+            setattr(parent, attr, QEmbedding(pw, dtype))
         elif isinstance(old, nn.Linear):
             bias = None if old.bias is None else old.bias.detach()
-            setattr(parent, attr, QLinear(qw, bias))
+            setattr(parent, attr, QLinear(pw, bias))
         else:
             raise TypeError(f"{name}: owner is {type(old).__name__}, expected nn.Linear or nn.Embedding")
     emb = weights.get("tok_embeddings.weight")

