@@ -52,9 +52,8 @@ def test_remind_appends_register_reminder(daughter):
 def test_user_name_argument_and_english_persona():
     assistant = PersonaRegistry().get("assistant")
     parts = build_prompt_parts(assistant, user_name="Sam", remind=True)
-    assert (
-        "with Sam" in parts.pinned[0]["content"] and parts.post_history is None
-    )  # register any: no reminder
+    assert "with Sam" in parts.pinned[0]["content"]
+    assert parts.post_history == "Memento answers Sam in a few plain sentences."  # register any: no reminder
     assert "반말" not in parts.pinned[0]["content"]
     assert render_greeting(assistant) == "Hello! What can I help you with?"
 
