@@ -174,6 +174,15 @@ def _unpack_rows(packed: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tens
     return (byte >> shift) & 15
 
 
+def _pack_u4(u: torch.Tensor) -> torch.Tensor:
+    """u (N, K) uint8 in [0, 15] -> torch's packed layout (the inverse of _unpack_rows), written
+    directly in uint8: the library's converter wants int32 input, 4x the bytes, and is slower."""
+    n, k = u.shape
+    blocks = u.view(n // ROW_BLOCK, 2, GROUP, k)  # (N/64, low/high half, 32 rows, K)
+    packed = blocks[:, 0] | (blocks[:, 1] << 4)  # (N/64, 32, K)
+    return packed.transpose(1, 2).contiguous().view(n, k // 2)
+
+
 @dataclass
 class Int4Plane:
     """One packed 4-bit plane: w_plane = (u - 8) * scale + zero per group of 32."""
@@ -188,7 +197,7 @@ def _plane(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Plan
     if pad:  # padded rows: u = 8, scale = zero = 0, so they compute 0 and are sliced off
         u = torch.cat([u, torch.full((pad, u.shape[1]), 8, dtype=u.dtype)])
         scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale, zero))
-    packed = torch._convert_weight_to_int4pack_for_cpu(u.int().contiguous(), 1)
+    packed = _pack_u4(u.to(torch.uint8))
     sz = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()
     return Int4Plane(packed, sz)
 
@@ -208,18 +217,23 @@ def _regroup(qw: QWeight) -> QWeight:
 def to_planes(qw: QWeight) -> list[Int4Plane]:
     """QWeight -> one or two int4 planes computing the same w (see the comment above)."""
     qw = _regroup(qw)
-    n, k = qw.shape
-    lo_q, hi_q = int(qw.q.min()), int(qw.q.max())
+    lo_q, hi_q = (int(v) for v in torch.aminmax(qw.q))
     m = qw.m if qw.m is not None else torch.zeros_like(qw.d)
     if hi_q - lo_q < 16:  # one plane: u = q - min(q)
         o = -lo_q
-        return [_plane((qw.q.to(torch.int16) + o), qw.d, (8 - o) * qw.d + m)]
+        return [_plane(_offset(qw.q, o), qw.d, (8 - o) * qw.d + m)]
     # Two planes. Centre u on 128 so the high nibble sits near 8: its plane's values (h - 8) * 16d
     # stay as small as the weights themselves, and bf16 rounding of 16d costs no more than of d.
     o = 128 - (lo_q + hi_q + 1) // 2
-    u = qw.q.to(torch.int16) + o
-    hi, lo = u >> 4, u & 15
-    return [_plane(hi, 16 * qw.d, torch.zeros_like(qw.d)), _plane(lo, qw.d, (136 - o) * qw.d + m)]
+    u = _offset(qw.q, o)
+    return [_plane(u >> 4, 16 * qw.d, torch.zeros_like(qw.d)), _plane(u & 15, qw.d, (136 - o) * qw.d + m)]
+
+
+def _offset(q: torch.Tensor, o: int) -> torch.Tensor:
+    """q + o as uint8 (the caller made sure it fits)."""
+    if o == 0 and q.dtype == torch.uint8:
+        return q
+    return (q.to(torch.int16) + o).to(torch.uint8)
 
 
 def _plane_matmul(x: torch.Tensor, p: Int4Plane) -> torch.Tensor:

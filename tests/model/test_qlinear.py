@@ -15,6 +15,7 @@ from model.qlinear import (
     QUANTIZED_TYPES,
     QEmbedding,
     QLinear,
+    _pack_u4,
     _unpack_rows,
     int4_supported,
     pack,
@@ -98,6 +99,7 @@ def test_unpacked_layout_is_this_torchs():
     packed = torch._convert_weight_to_int4pack_for_cpu(u.int(), 1)
     rows = torch.tensor([0, 31, 32, 63, 64, 100, 191])
     assert torch.equal(_unpack_rows(packed, rows, 96), u[rows].to(torch.uint8))
+    assert torch.equal(_pack_u4(u.to(torch.uint8)), packed)  # our packer writes the same bytes
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K])
