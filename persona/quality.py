@@ -195,6 +195,19 @@ def cut_repetition(reply: str) -> str:
     return reply[: spans[hits[1]][0]].rstrip(" ,;·-") if len(hits) > 1 else reply
 
 
+def cut_foreign_tail(reply: str, language: str, names: Iterable[str] = ()) -> str:
+    """The reply before its first word in a foreign script, back to the last sentence end before it
+    (gemma-3-270m ends a fine Korean sentence and then writes "길죄setInputsetInput" instead of its
+    end-of-turn marker: the sentence is the reply)."""
+    bad = set(foreign_words(reply, language, names))
+    first = next((start for start, w in _word_spans(reply) if w in bad), None)
+    if first is None:
+        return reply
+    head = reply[:first]
+    ends = [m.end() for m in _SENTENCE_END.finditer(head)]
+    return (head[: ends[-1]] if ends else head).rstrip(" ,;·-/")
+
+
 # ---------------------------------------------------------------- the policy around a reply
 
 
@@ -226,30 +239,45 @@ class Settled:
 
 
 def settle(reply: str, rules: ReplyRules, regenerate=None, max_retries: int = 2) -> Settled:
-    """Cut any leaked instruction, then regenerate a degenerate reply (`regenerate(attempt)` returns
-    a fresh whole reply, or "" when it may not run) up to `max_retries` times; keep the first clean
-    one, else the least bad (fewest problems, a looping phrase cut). The metadata says what happened."""
-    text, problems = rules.problems(reply)
+    """Cut any leaked instruction; a reply drifting into another script is cut before it, and if
+    that leaves nothing clean, it is regenerated (`regenerate(attempt)` returns a fresh whole reply, or "" when it may
+    not run) up to `max_retries` times. The first clean candidate wins, else the least bad (fewest
+    problems). The metadata says what happened; what is returned never echoes the instructions."""
     meta: dict = {}
-    if text != reply.strip() and find_leak(reply, rules.instructions, rules.markers, rules.language):
-        meta["leak_cut"] = True
-    best, best_problems, tries = text, problems, 0
-    while best_problems and regenerate is not None and tries < max_retries:
-        tries += 1
-        fresh = regenerate(tries)
-        if not fresh:
+    best, best_problems, tries = "", ["empty"] * 9, 0
+    candidate: str | None = reply
+    while candidate:
+        text, problems = _settle_one(candidate, rules, meta)
+        if len(problems) < len(best_problems):
+            best, best_problems = text, problems
+        if not problems or regenerate is None or tries >= max_retries:
             break
-        cand, cand_problems = rules.problems(fresh)
-        if len(cand_problems) < len(best_problems):
-            best, best_problems = cand, cand_problems
+        tries += 1
+        candidate = regenerate(tries)
     if tries:
         meta["quality_regenerations"] = tries
-    if "repeated_phrase" in best_problems:
+    if "repeated_phrase" in best_problems:  # the last resort: no regeneration came back clean
         best = cut_repetition(best)
         meta["repetition_cut"] = True
     if best_problems:
         meta["quality"] = best_problems
     return Settled(best, meta)
+
+
+def _settle_one(reply: str, rules: ReplyRules, meta: dict) -> tuple[str, list[str]]:
+    """One candidate: its leak cut, then its foreign tail (the sentences before it are the reply)."""
+    text, problems = rules.problems(reply)
+    if text != reply.strip() and problems != ["leak_only"]:
+        meta["leak_cut"] = True
+    if "foreign_script" in problems:
+        kept = cut_foreign_tail(text, rules.language, rules.names)
+        kept_problems = degeneration(kept, rules.earlier, rules.language, rules.names) if words(kept) else ["empty"]
+        if len(kept_problems) < len(problems):
+            meta["degenerate_cut"] = problems
+            return kept, kept_problems
+    if problems == ["leak_only"]:
+        meta["leak_cut"] = True
+    return text, problems
 
 
 def carrier_stops(persona: Any) -> list[str]:

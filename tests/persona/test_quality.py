@@ -3,6 +3,7 @@
 from persona.quality import (
     ReplyRules,
     copied_share,
+    cut_foreign_tail,
     cut_leak,
     cut_repetition,
     degeneration,
@@ -81,3 +82,11 @@ def test_settle_never_keeps_a_leak_even_when_every_retry_leaks():
 def test_settle_leaves_a_clean_reply_alone():
     out = settle("응, 방금 먹었어!", ReplyRules(language="ko"), lambda attempt: 1 / 0)
     assert out.text == "응, 방금 먹었어!" and out.metadata == {}
+
+
+def test_a_foreign_tail_is_cut_at_the_sentence_before_it_without_regenerating():
+    raw = "응, 지우. 어릴 때 자전거를 타고 다녔지. 그런데 아빠는 널 좋아했어.길죄setInputsetInputsetInput"
+    out = settle(raw, ReplyRules(language="ko"), lambda attempt: 1 / 0)
+    assert out.text == "응, 지우. 어릴 때 자전거를 타고 다녔지. 그런데 아빠는 널 좋아했어."
+    assert out.metadata == {"degenerate_cut": ["foreign_script"]}
+    assert cut_foreign_tail("좋아! 今年も 또 가자", "ko") == "좋아!"
