@@ -260,14 +260,23 @@ def bench(
     llama_server: Annotated[str | None, typer.Option(
         help="with --concurrency: a llama-server binary measured by the same client on the same GGUF")] = None,
     max_tokens: Annotated[int, typer.Option(min=2, max=2048, help="with --concurrency: tokens per reply")] = 64,
+    engine_url: Annotated[str | None, typer.Option(
+        help="Memento's added latency per turn in front of this OpenAI-compatible engine (http://host:port/v1)")] = None,
+    strategies: Annotated[str, typer.Option(help="with --engine-url: memory strategies, comma-separated")] = (
+        "window,token_buffer,vector"),
+    turns: Annotated[int, typer.Option(min=1, max=1000, help="with --engine-url: turns per strategy")] = 20,
 ) -> None:
     """Engine numbers against Hugging Face transformers on the same weights (or, with
-    --concurrency, serving numbers over HTTP against llama.cpp)."""
+    --concurrency, serving numbers over HTTP against llama.cpp; with --engine-url, what Memento
+    adds per turn in front of a remote engine)."""
     if ctx.invoked_subcommand is not None:
         return
     from model.bench import print_table, run_bench
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if engine_url is not None:
+        engine_bench(engine_url, model, strategies, turns, json_out)
+        return
     settings = settings_or_exit(None, model=model)
     if concurrency is not None:
         serving_bench(settings.model, concurrency, llama_server, max_tokens, json_out)
@@ -275,6 +284,22 @@ def bench(
     result = run_bench(settings.model, device=settings.device, dtype=settings.dtype, json_out=json_out)
     if not json_out:
         print_table(result)
+
+
+def engine_bench(engine_url: str, model: str | None, strategies: str, turns: int, json_out: bool) -> None:
+    from service.engine_bench import print_engine_table, run_engine_bench
+
+    names = [x.strip() for x in strategies.split(",") if x.strip()]
+    bad = [n for n in names if n not in ("window", "token_buffer", "vector", "summary", "summary_buffer", "long_term")]
+    if not names or bad:
+        raise fail(f"--strategies {strategies!r}: unknown {bad or 'empty'}; e.g. window,token_buffer,vector")
+    logging.basicConfig(level=logging.WARNING)
+    result = run_engine_bench(engine_url.rstrip("/"), strategies=names, turns=turns, model=model,
+                              engine_key=os.environ.get("MEMENTO_ENGINE_KEY"))
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        print_engine_table(result)
 
 
 def serving_bench(model: str, levels_text: str, llama_server: str | None, max_tokens: int, json_out: bool) -> None:

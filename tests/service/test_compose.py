@@ -56,3 +56,17 @@ def test_api_keys_are_required():
     assert env["MEMENTO_API_KEYS"].startswith("${MEMENTO_API_KEYS:?")
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "MEMENTO_HOST=0.0.0.0" in dockerfile and "--insecure-no-auth" not in dockerfile
+
+
+def test_engine_profiles():
+    """`--profile llamacpp` (CPU) and `--profile vllm` (GPU) add an engine; the API points at it
+    through MEMENTO_ENGINE_URL and waits for it only when that profile runs."""
+    services = compose()["services"]
+    assert services["llamacpp"]["profiles"] == ["llamacpp"] and services["vllm"]["profiles"] == ["vllm"]
+    assert "/health" in " ".join(services["llamacpp"]["healthcheck"]["test"])
+    assert "/health" in " ".join(services["vllm"]["healthcheck"]["test"])
+    api = services["api"]
+    assert api["environment"]["MEMENTO_ENGINE_URL"] == "${MEMENTO_ENGINE_URL:-}"  # empty: the local model
+    for engine in ("llamacpp", "vllm"):
+        assert api["depends_on"][engine] == {"condition": "service_healthy", "required": False}
+    assert "profiles" not in api  # plain `docker compose up` still starts the API
