@@ -288,6 +288,11 @@ def carrier_stops(persona: Any) -> list[str]:
     return ["[System note", "[Memory", "[Core memory", "(기억해", "(기억하세요", f"\n{user_name_for(persona)}:"]
 
 
+# A Korean persona with a register is told about 반말/존댓말; the words of that instruction are no chat
+# vocabulary, so a reply that uses them ("지우는 아빠에게 반말로 말한다") is narrating its instructions.
+REGISTER_TERMS = ("반말", "존댓말", "해요체", "해체)")
+
+
 def rules_for(persona: Any, post_history: str | None, earlier: Sequence[str] = ()) -> ReplyRules:
     """The ReplyRules of one turn: the note the prompt carried after the history (with any register
     reminder), the persona's register rule and reminder texts, its earlier replies and names."""
@@ -300,4 +305,5 @@ def rules_for(persona: Any, post_history: str | None, earlier: Sequence[str] = (
     own = " ".join([persona.description, persona.scenario, persona.personality, persona.greeting]
                    + [t.content for d in persona.examples for t in d])
     names = {char, user, persona.name, *(w for w in words(own) if script_of(w[0]) == "latin")}
-    return ReplyRules(instructions, [f"\n{user}:"], list(earlier), persona.language, sorted(names))
+    markers = [f"\n{user}:", *(REGISTER_TERMS if persona.register in REGISTER_INSTRUCTION else ())]
+    return ReplyRules(instructions, markers, list(earlier), persona.language, sorted(names))

@@ -9,6 +9,7 @@ from persona.quality import (
     degeneration,
     find_leak,
     foreign_words,
+    rules_for,
     settle,
     words,
 )
@@ -90,3 +91,14 @@ def test_a_foreign_tail_is_cut_at_the_sentence_before_it_without_regenerating():
     assert out.text == "응, 지우. 어릴 때 자전거를 타고 다녔지. 그런데 아빠는 널 좋아했어."
     assert out.metadata == {"degenerate_cut": ["foreign_script"]}
     assert cut_foreign_tail("좋아! 今年も 또 가자", "ko") == "좋아!"
+
+
+def test_a_register_persona_narrating_its_register_rule_is_a_leak():
+    from persona.registry import PersonaRegistry
+
+    daughter = PersonaRegistry().get("daughter-ko")
+    rules = rules_for(daughter, "지우는 아빠에게 반말로 다정하게 짧게 대답한다.", [])
+    text, problems = rules.problems("응, 알겠어. 지우는 아빠가 너에게 반말로 말한다.")
+    assert text == "응, 알겠어." and problems == []
+    assert rules.problems("응, 방금 먹었어! 아빠는?") == ("응, 방금 먹었어! 아빠는?", [])
+    assert "지우" in rules.names and "아빠" in rules.names
