@@ -56,7 +56,7 @@ def find_leak(reply: str, instructions: Iterable[str] = (), markers: Iterable[st
     """The earliest point where `reply` writes a carrier marker (CARRIER_MARKERS + `markers`, e.g.
     "\n아빠:" — the user's next line) or LEAK_WORDS consecutive words of one of `instructions` (an
     instruction shorter than that: all of its words; the echo is cut from its bracket or line start)."""
-    found = [Leak(i, m) for m in (*CARRIER_MARKERS, *markers) if m and (i := reply.find(m)) >= 0]
+    found = [Leak(_line_start(reply, i), m) for m in (*CARRIER_MARKERS, *markers) if m and (i := reply.find(m)) >= 0]
     spans = _word_spans(reply)
     reply_words = [w for _, w in spans]
     for text in instructions:
