@@ -97,8 +97,17 @@ def pairs(ws: Sequence[str]) -> list[tuple[str, str]]:
     return list(zip(ws, ws[1:], strict=False))
 
 
+# a syllable or short run stuck inside one word ("겪맬맬맬맬맬맬맬"); six times, so 하하하하 is still a
+# laugh, and never jamo (ㅋㅋㅋㅋㅋㅋ, ㅠㅠㅠㅠㅠㅠ are how Korean chats laugh and cry)
+_STUTTER_RE = re.compile(r"([^\W\d_\u3131-\u318e]{1,4}?)\1{5,}")
+
+
 def repeated_phrase(ws: Sequence[str], times: int = REPEAT_TIMES) -> str | None:
-    """A phrase of 2-4 words that occurs `times` or more, or one word `times` in a row ("아빠, 아빠, ...")."""
+    """A phrase of 2-4 words that occurs `times` or more, one word `times` in a row ("아빠, 아빠, ..."),
+    or a piece of a word repeated six times inside it."""
+    stutter = next((m.group(1) for w in ws if (m := _STUTTER_RE.search(w))), None)
+    if stutter:
+        return stutter
     for n in (4, 3, 2):
         grams = Counter(tuple(ws[i : i + n]) for i in range(len(ws) - n + 1))
         phrase, count = grams.most_common(1)[0] if grams else ((), 0)
@@ -185,6 +194,9 @@ def degeneration(reply: str, earlier: Sequence[str] = (), language: str = "en",
 def cut_repetition(reply: str) -> str:
     """The reply up to where its repeated phrase comes back the second time: the last resort when
     no regeneration came back clean ("응, 어미 짱아, 어미 짱아, 어미 짱아!" -> "응, 어미 짱아")."""
+    stutter = _STUTTER_RE.search(reply)
+    if stutter:
+        return reply[: stutter.start()].rstrip(" ,;·-")
     spans = _word_spans(reply)
     ws = [w for _, w in spans]
     phrase = repeated_phrase(ws)

@@ -102,3 +102,10 @@ def test_a_register_persona_narrating_its_register_rule_is_a_leak():
     assert text == "응, 알겠어." and problems == []
     assert rules.problems("응, 방금 먹었어! 아빠는?") == ("응, 방금 먹었어! 아빠는?", [])
     assert "지우" in rules.names and "아빠" in rules.names
+
+
+def test_a_syllable_stuck_inside_a_word_is_a_loop_but_a_laugh_is_not():
+    stuck = "응, 갈비 좋아. 아빠가 잘 지내고 있니?겪맬맬맬맬맬맬맬맬맬맬"
+    assert "repeated_phrase" in degeneration(stuck, language="ko")
+    assert cut_repetition(stuck) == "응, 갈비 좋아. 아빠가 잘 지내고 있니?겪"
+    assert degeneration("하하하하 아빠 웃겨 ㅋㅋㅋㅋㅋㅋㅋ", language="ko") == []
