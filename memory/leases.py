@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from memory.store import StoreError
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memento.leases")
 
-DEFAULT_TTL_MS = 10_000
+DEFAULT_TTL_MS = 3_000  # renewed every second while held; a dead holder frees the name within 3 s
 
 
 class Lease:
@@ -53,7 +54,22 @@ class Lease:
         if self._done.is_set():
             return
         self._done.set()
+        if not self._try_release():
+            # the store is down: keep trying while the TTL lasts, so the name is free as soon as it
+            # is back rather than only when the lease expires
+            threading.Thread(target=self._release_later, name=f"release {self.name}", daemon=True).start()
+
+    def _try_release(self) -> bool:
         try:
             self.store.release_lease(self.name, self.token)
-        except StoreError:  # it expires by itself within ttl_ms
-            log.warning("could not release lease %s", self.name, exc_info=True)
+            return True
+        except StoreError:
+            return False
+
+    def _release_later(self) -> None:
+        deadline = time.monotonic() + self.ttl_ms / 1000
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if self._try_release():
+                return
+        log.warning("could not release lease %s; it expired instead", self.name)

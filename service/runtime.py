@@ -27,9 +27,11 @@ class InFlight:
     the turn runs; if its process dies, the lease expires within `ttl_ms` and the session is free
     for the other replicas."""
 
-    def __init__(self, store: Any, ttl_ms: int = 10_000) -> None:
+    def __init__(self, store: Any, ttl_ms: int | None = None) -> None:
+        from memory.leases import DEFAULT_TTL_MS
+
         self.store = store
-        self.ttl_ms = ttl_ms
+        self.ttl_ms = ttl_ms or DEFAULT_TTL_MS
 
     def claim(self, session_id: str) -> Callable[[], None] | None:
         """A release function (idempotent), or None when the session is already busy."""

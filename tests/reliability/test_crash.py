@@ -118,14 +118,15 @@ def one_turn(
 
 
 def send(client: httpx.Client, url: str, body: dict, stream: bool) -> httpx.Response:
-    """POST, waiting out 409: a session still finishing an abandoned reply is busy for a moment."""
-    for _ in range(100):
+    """POST, waiting out 409: a session still finishing an abandoned reply is busy for a moment, and
+    one whose turn died with a killed server until that turn's lease expires (memory/leases.py)."""
+    for _ in range(200):
         r = client.send(client.build_request("POST", url, json=body), stream=stream)
         if r.status_code != 409:
             return r
         r.close()
         time.sleep(0.05)
-    raise AssertionError(f"{url} stayed busy (409) for 5 s")
+    raise AssertionError(f"{url} stayed busy (409) for 10 s")
 
 
 def drive(
@@ -213,7 +214,8 @@ def next_turn_works(srv: ServerProcess, ledger: Ledger) -> None:
         for sid in ledger.acked_users:
             text = f"after-restart-{uuid.uuid4().hex[:8]}"
             ledger.sent(sid, text)
-            r = client.post(f"/v1/sessions/{sid}/messages", json={"content": text, "max_tokens": 4})
+            # a turn the kill interrupted holds its session's lease until it expires (3 s): send waits that out
+            r = send(client, f"/v1/sessions/{sid}/messages", {"content": text, "max_tokens": 4}, stream=False)
             assert r.status_code == 200, r.text
             ledger.acked(sid, text, r.json()["message"])
 

@@ -132,7 +132,9 @@ def test_redis_killed_during_traffic_fails_fast_and_recovers(
             f"\n{CYCLES} Redis outages (kill / SIGSTOP) under traffic: statuses {dict(traffic.statuses)}, "
             f"slowest failure {traffic.slowest_failure:.2f} s"
         )
-    assert set(traffic.statuses) <= {200, 503}, traffic.statuses
+    # 409 session_busy: a turn the outage failed held its session's lease (memory/leases.py) until the
+    # release got through or the 3 s lease expired; never a 5xx other than 503
+    assert set(traffic.statuses) <= {200, 409, 503}, traffic.statuses
     assert traffic.statuses[503] > 0 and traffic.statuses[200] > 0
     assert traffic.slowest_failure < FAIL_FAST_S
 
