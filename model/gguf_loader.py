@@ -11,8 +11,9 @@ what llama.cpp's converter did so our HF-layout model reproduces transformers' l
 
 from __future__ import annotations
 
+import ctypes
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -150,6 +151,19 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 T = TypeVar("T")
 
 
+def _libc_trim() -> Callable[[], None]:
+    """glibc keeps freed heap memory mapped (RSS stays at the load's peak); malloc_trim gives it
+    back. A no-op where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+release_freed_memory = _libc_trim()
+
+
 def progress_iter(items: Iterable[T], total: int, description: str, enabled: bool) -> Iterator[T]:
     """Wrap `items` with a rich progress bar on stderr when enabled."""
     if not enabled:
@@ -197,6 +211,7 @@ def read_gguf(path: str | Path, max_seq_len: int | None = None, progress: bool =
             raise ModelLoadError(f"{path}: unexpected tensor {info.name!r} for architecture {arch!r}")
         if weights == "quantized" and info.ggml_type in QUANTIZED_TYPES and len(info.shape) == 2:
             state[ours] = pack(_read_quantized(header, info, ours, args, arch))  # QLinear's planes
+            release_freed_memory()  # the unpacked integers are gone: keep the peak near the result
             continue
         w = _read_tensor(header, info)
         if arch == "llama" and ours.split(".")[-2] in ("wq", "wk"):
