@@ -17,7 +17,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class ModelArgs:
-    family: str = "llama"  # "llama" (Llama 2/3, SmolLM2, Mistral, Qwen2) or "gemma3"
+    family: str = "llama"  # "llama" (Llama 2/3, SmolLM2, Mistral, Qwen2/3) or "gemma3"
     vocab_size: int = 32000  # rows of the embedding / logits width
     dim: int = 4096  # residual stream width (hidden_size)
     n_layers: int = 32  # transformer blocks
@@ -39,6 +39,7 @@ class ModelArgs:
     qkv_bias: bool = False  # q/k/v projections have a bias (Qwen2)
     o_bias: bool = False  # output projection has a bias (Llama attention_bias=True)
     mlp_bias: bool = False  # feed-forward projections have biases
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     tie_embeddings: bool = False  # output head shares the embedding matrix
     query_pre_attn_scalar: float | None = None  # Gemma: attention scale is this ** -0.5
     final_logit_softcapping: float | None = None  # logits = c * tanh(logits / c) when set

@@ -25,7 +25,7 @@ from model.dequant import SUPPORTED_TYPES, dequantize
 from model.gguf_meta import GGUFHeader, read_header
 from model.qlinear import QUANTIZED_TYPES, QWeight, pack, permute_rows, split_blocks
 
-ARCHITECTURES = ("llama", "qwen2", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
 _TOP_MAP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 _LAYER_MAP = {
@@ -114,6 +114,7 @@ def args_from_gguf(header: GGUFHeader, max_seq_len: int | None = None) -> ModelA
     return ModelArgs(
         family="llama", **common, qkv_bias="blk.0.attn_q.bias" in names,
         o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
         sliding_window=g("attention.sliding_window", None),
     )
 

@@ -2,7 +2,7 @@
 
     args, state = read_hf_dir(path)     # ModelArgs + our-named float tensors (CPU)
 
-Supported `model_type`s: llama, mistral, qwen2 (-> family "llama"), gemma3_text / gemma3
+Supported `model_type`s: llama, mistral, qwen2, qwen3 (-> family "llama"), gemma3_text / gemma3
 (-> family "gemma3"). Both the old (`rope_theta`, `rope_scaling`) and the transformers >= 5
 (`rope_parameters`) config layouts are read.
 """
@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from model.config import ModelArgs, ModelLoadError
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GEMMA3_TYPES = ("gemma3_text", "gemma3")
 
 # HF name (after "model.") -> ours, per layer; {i} is the layer index
@@ -120,7 +120,7 @@ def args_from_hf_config(cfg: dict[str, Any], path: Path, max_seq_len: int | None
         return ModelArgs(
             **common, rope_theta=float(rp.get("rope_theta", 10000.0)), **_scaling_fields(rp, path),
             sliding_window=window, qkv_bias=bias or mtype == "qwen2", o_bias=bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=mtype == "qwen3",
         )
     glob, local = _rope_params(cfg, "full_attention"), _rope_params(cfg, "sliding_attention")
     pattern = cfg.get("sliding_window_pattern", 6)

@@ -56,9 +56,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        if args.qk_norm and args.family == "llama":  # Qwen3 (Gemma's own norms: model/gemma3.py)
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return q, k  # Gemma overrides
+        if hasattr(self, "q_norm"):  # per head, over head_dim
+            return self.q_norm(q), self.k_norm(k)
+        return q, k
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, cache: KVCache | None, kv_len: int) -> torch.Tensor:

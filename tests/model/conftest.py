@@ -17,8 +17,8 @@ VOCAB = 128
 
 
 def tiny_config(kind: str, **overrides):
-    """An HF config for a 2-4 layer model; `kind` in llama, llama3, qwen2, gemma3."""
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+    """An HF config for a 2-4 layer model; `kind` in llama, llama3, qwen2, qwen3, gemma3."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, num_hidden_layers=2)
@@ -30,6 +30,8 @@ def tiny_config(kind: str, **overrides):
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
     elif kind == "qwen2":
         kw.update(tie_word_embeddings=True, rope_theta=1e6)
+    elif kind == "qwen3":  # q/k norms per head; head_dim 24 is not hidden / heads, as in real Qwen3
+        kw.update(tie_word_embeddings=True, rope_theta=1e6, head_dim=24)
     elif kind == "gemma3":  # window 8 < 50-token prompt; layers: sliding, global, sliding, global
         kw.update(num_hidden_layers=4, head_dim=16, sliding_window=8,
                   layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=16,
@@ -37,7 +39,7 @@ def tiny_config(kind: str, **overrides):
     else:
         raise ValueError(kind)
     kw.update(overrides)
-    cls = {"llama": LlamaConfig, "llama3": LlamaConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig}[kind]
+    cls = {"llama": LlamaConfig, "llama3": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}[kind]
     return cls(**kw)
 
 

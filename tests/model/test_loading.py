@@ -68,6 +68,9 @@ def write_tiny_gguf(hf, arch: str, path, qtype: Q = Q.F32) -> None:
         w.add_float32("gemma3.final_logit_softcapping", cfg.final_logit_softcapping)
     else:
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        if getattr(cfg, "head_dim", None):  # Qwen3: head_dim is not hidden / heads
+            w.add_key_length(cfg.head_dim)
+            w.add_value_length(cfg.head_dim)
         if cfg.rope_parameters.get("rope_type") == "llama3":
             w.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg.rope_parameters, cfg.head_dim))
     for name, t in hf.state_dict().items():
@@ -104,7 +107,7 @@ def write_tiny_gguf(hf, arch: str, path, qtype: Q = Q.F32) -> None:
 
 
 @pytest.mark.parametrize("kind,arch", [("llama", "llama"), ("llama3", "llama"), ("qwen2", "qwen2"),
-                                       ("gemma3", "gemma3")])
+                                       ("qwen3", "qwen3"), ("gemma3", "gemma3")])
 def test_tiny_gguf_matches_transformers(tmp_path, kind, arch):
     hf = make_hf_model(kind, layer_types=["sliding_attention", "full_attention"] * 2) if kind == "gemma3" \
         else make_hf_model(kind)

@@ -10,7 +10,7 @@ from tests.model.conftest import VOCAB, ours_from_hf_dir
 T = 50
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "qwen3", "gemma3"])
 def test_logits_match_transformers(hf_dir_factory, kind):
     hf, path = hf_dir_factory(kind)
     ours = ours_from_hf_dir(path)
