@@ -94,3 +94,17 @@ def test_engine_killed_then_back(tmp_path, own_llama_server):
         users = [text for role, text in contents if role == "user"]
         assert users[:2] == ["first", "second"] and users[-1] == "fourth"  # the user's words were kept
         assert contents[-1][0] == "assistant"
+
+
+def test_running_summary_is_written_by_the_engine(remote_app, monkeypatch):
+    http = remote_app.rt.backend.http
+    paths: list[str] = []
+    original = http.stream
+    monkeypatch.setattr(http, "stream", lambda path, body: (paths.append(str(body.get("messages"))), original(path, body))[1])
+    c = remote_app.client
+    sid = c.post("/v1/sessions", json={"memory": {"strategy": "summary"}}).json()["id"]
+    assert c.post(f"/v1/sessions/{sid}/messages", json={"content": FACT}).status_code == 200
+    assert remote_app.rt.background.wait_idle(120)
+    assert any("running summary" in p for p in paths)  # the summarizer's prompt went to the engine
+    context = c.get(f"/v1/sessions/{sid}/context", params={"message": "hi"}).json()
+    assert context["memory"].get("summary")
