@@ -121,7 +121,8 @@ class LocalBackend:
         self.lm = lm
         self.engine = engine
         self.name = lm.name
-        self._window = int(context_window or lm.context_window)
+        # MEMENTO_CONTEXT_WINDOW may shrink the model's window, never grow it (the engine would refuse)
+        self._window = min(int(context_window), int(lm.context_window)) if context_window else int(lm.context_window)
 
     @property
     def tokenizer(self) -> Any:

@@ -24,6 +24,7 @@ from tests.service.conftest import (  # noqa: F401 - fixtures re-used here
     make_settings,
     smol_tokenizer,
     start_app,
+    tiny_lm,
     write_personas,
 )
 

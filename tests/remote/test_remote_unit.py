@@ -117,3 +117,24 @@ def test_processors_and_logprobs_are_refused():
         backend.stream(backend.raw([1]), GenParams(max_tokens=4), processors=[object()])
     with pytest.raises(APIError, match="logprobs"):
         backend.stream(backend.raw([1]), GenParams(max_tokens=4, extra={"logprobs": 2}))
+
+
+def test_a_silent_engine_is_503_without_retries():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        raise httpx.ReadTimeout("no byte in time", request=request)
+
+    backend = engine(handler)
+    with pytest.raises(APIError) as err:
+        list(backend.stream(backend.raw([1]), GenParams(max_tokens=4)))
+    assert err.value.status == 503 and "timed out" in err.value.message
+    assert len(calls) == 1  # slow is not down: waiting again would only double the wait
+
+
+def test_local_window_override_only_shrinks(tiny_lm):
+    from service.backend import LocalBackend
+
+    assert LocalBackend(tiny_lm, None, 512).context_window == 512
+    assert LocalBackend(tiny_lm, None, 10**6).context_window == tiny_lm.context_window
