@@ -53,6 +53,12 @@ class EngineCounter:
         body = sum(self.count(str(m.get("content") or "")) + MESSAGE_FRAME for m in messages)
         return body + (GENERATION_FRAME if add_generation_prompt else 0)
 
+    def encode(self, text: str) -> list[int]:
+        raise _needs_local("token ids")
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        raise _needs_local("token ids")
+
     def _tokenize(self, text: str) -> int:
         from service.remote_engine import EngineStatus, engine_unavailable
 
@@ -73,3 +79,10 @@ _ENDPOINTS: list[Callable[[str, str | None], tuple[str, dict[str, Any]]]] = [
     lambda text, model: ("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False}),  # vLLM
     lambda text, model: ("/extras/tokenize", {"input": text}),  # llama-cpp-python
 ]
+
+
+def _needs_local(what: str) -> Exception:
+    from service.errors import APIError
+
+    return APIError(400, f"{what} need the engine's tokenizer here: set MEMENTO_MODEL to its GGUF or HF directory",
+                    code="unsupported_by_engine")
