@@ -123,3 +123,33 @@ def test_bench_concurrency_option_is_checked():
     assert r.exit_code != 0 and "comma-separated integers" in r.output
     r = CliRunner().invoke(app, ["bench", "--concurrency", "1", "--llama-server", "/nonexistent/llama-server"])
     assert r.exit_code != 0 and "no such file" in r.output
+
+
+@pytest.mark.slow
+def test_sixty_four_idle_sessions_stay_cached_within_the_default_budget(tmp_path, smol_lm):
+    """The real SmolLM2 (packed int4 weights, the default), the default 1 GiB KV budget: 64 sessions
+    each take a turn and go idle; every one's second turn still finds its first turn's blocks, and
+    the pool never grows past its budget."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.main import create_app
+
+    settings = make_settings(tmp_path, max_tokens=8, queue_size=64)
+    assert settings.kv_budget is None  # the engine's default
+    with LiveServer(create_app(settings, lm=smol_lm), free_port()) as srv, httpx.Client(timeout=120) as http:
+        ids = [http.post(f"{srv.url}/v1/sessions", json={}).json()["id"] for _ in range(64)]
+
+        def say(i: int, sid: str, n: int) -> dict:
+            body = {"content": f"Session {i}, message {n}: my favourite number is {i * 7 + n}.", "max_tokens": 2}
+            r = http.post(f"{srv.url}/v1/sessions/{sid}/messages", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]
+
+        with ThreadPoolExecutor(8) as pool:
+            first = list(pool.map(lambda a: say(*a, 1), enumerate(ids)))
+            second = list(pool.map(lambda a: say(*a, 2), enumerate(ids)))
+        stats = srv.app.state.rt.engine.stats()
+    for a, b in zip(first, second, strict=True):
+        assert b["cached_tokens"] >= a["prompt_tokens"] + a["completion_tokens"] - 2 * 16  # but partial blocks
+    assert stats["kv_blocks_used"] <= stats["kv_blocks_total"]
+    assert stats["kv_pool_bytes"] <= 1 << 30 and stats["kv_cache_bytes"] <= stats["kv_pool_bytes"]
