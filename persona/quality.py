@@ -102,12 +102,21 @@ def pairs(ws: Sequence[str]) -> list[tuple[str, str]]:
 _STUTTER_RE = re.compile(r"([^\W\d_\u3131-\u318e]{1,4}?)\1{5,}")
 
 
+COMPACT_PHRASE = 5  # letters: a phrase written without spaces ("먹고싶어요먹고 싶어요") is found this way
+
+
 def repeated_phrase(ws: Sequence[str], times: int = REPEAT_TIMES) -> str | None:
     """A phrase of 2-4 words that occurs `times` or more, one word `times` in a row ("아빠, 아빠, ..."),
-    or a piece of a word repeated six times inside it."""
+    a piece of a word repeated six times inside it, or COMPACT_PHRASE letters `times` times once the
+    spaces are gone (small models drop the spaces of Korean as they loop)."""
     stutter = next((m.group(1) for w in ws if (m := _STUTTER_RE.search(w))), None)
     if stutter:
         return stutter
+    compact = "".join(ws)
+    grams = Counter(compact[i : i + COMPACT_PHRASE] for i in range(len(compact) - COMPACT_PHRASE + 1))
+    for gram, _ in grams.most_common(3):
+        if compact.count(gram) >= times:
+            return gram
     for n in (4, 3, 2):
         grams = Counter(tuple(ws[i : i + n]) for i in range(len(ws) - n + 1))
         phrase, count = grams.most_common(1)[0] if grams else ((), 0)

@@ -109,3 +109,10 @@ def test_a_syllable_stuck_inside_a_word_is_a_loop_but_a_laugh_is_not():
     assert "repeated_phrase" in degeneration(stuck, language="ko")
     assert cut_repetition(stuck) == "응, 갈비 좋아. 아빠가 잘 지내고 있니?겪"
     assert degeneration("하하하하 아빠 웃겨 ㅋㅋㅋㅋㅋㅋㅋ", language="ko") == []
+
+
+def test_a_phrase_looping_without_spaces_is_found():
+    loop = "오늘 날씨도 덥네요.먹고 싶은 맘이든든든 하네요.먹으세요.먹고싶어요.먹고 싶어요먹고 싶어요 먹고 싶어요 먹고 싶은 맘을"
+    assert "repeated_phrase" in degeneration(loop, language="ko")
+    fine = "오늘은 에티오피아 원두로 내린 핸드드립을 추천해요. 산미가 부드러워서 아침에 드시기 좋아요."
+    assert degeneration(fine, language="ko") == []
