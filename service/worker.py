@@ -9,8 +9,9 @@ A turn's job stores the user message, generates, checks and stores the reply on 
 the engine batches the generations of all running jobs in its scheduler thread, so storage and
 Korean analysis never hold the model. Admission is fair: waiting jobs are taken round-robin by
 owner, each owner may have at most `owner_running` jobs running and `owner_waiting` waiting, and
-a refusal (QueueFull -> 429 with Retry-After) names the limit that was hit. One owner's flood
-therefore never keeps another owner waiting behind it.
+a refusal (QueueFull -> 429 with Retry-After) names the limit that was hit; an owner with
+nothing waiting is admitted even when the queue is full. One owner's flood therefore never keeps
+another owner waiting behind it, nor refuses their first request.
 
 A job that is cancelled (client gone, deadline passed) is told through `job.should_stop()`,
 which the engine polls every step, so its row leaves the batch promptly. Background jobs
@@ -155,7 +156,10 @@ class EngineWorker:
 
     def _admit(self, job: Job) -> None:
         mine = self._fg.get(job.owner)
-        if self.depth >= self.queue_size:
+        # an owner with nothing waiting gets a place even in a full queue: otherwise one user's
+        # flood fills the queue and everyone else's first request is a 429 (measured, issue 10);
+        # the overshoot is bounded by the number of users
+        if self.depth >= self.queue_size and mine:
             raise QueueFull(self.depth, self.retry_after(), "queue_size")
         if mine is not None and len(mine) >= self.owner_waiting:
             raise QueueFull(len(mine), self.retry_after(len(mine)), "owner_waiting", job.owner or None)

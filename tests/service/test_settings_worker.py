@@ -102,6 +102,21 @@ def test_queue_bound(worker):
     assert running.future.result(5) is True and a.future.result(5) == "a" and b.future.result(5) == "b"
 
 
+def test_a_full_queue_still_admits_an_owner_with_nothing_waiting(worker):
+    release = threading.Event()
+    worker.submit(lambda job: release.wait(10), owner="bob")
+    time.sleep(0.05)
+    flood = [worker.submit(lambda job: "bob", owner="bob") for _ in range(2)]  # bob fills the queue
+    with pytest.raises(QueueFull) as e:
+        worker.submit(lambda job: "bob", owner="bob")
+    assert e.value.limit == "queue_size"
+    alice = worker.submit(lambda job: "alice", owner="alice")  # her first request is not refused
+    with pytest.raises(QueueFull):
+        worker.submit(lambda job: "alice", owner="alice")  # her second waits behind the full queue
+    release.set()
+    assert alice.future.result(5) == "alice" and [j.future.result(5) for j in flood] == ["bob", "bob"]
+
+
 def test_cancelled_before_start_is_skipped(worker):
     release = threading.Event()
     worker.submit(lambda job: release.wait(10))
