@@ -476,11 +476,13 @@ class RedisStore:
 
     def get_persona(self, owner: str, name: str) -> str | None:
         with self._errors("get_persona"):
-            return self._r.hget(self.keys.personas(owner), name)
+            text = self._r.hget(self.keys.personas(owner), name)
+        return None if text is None else str(text)  # decode_responses=True: already str
 
     def list_personas(self, owner: str) -> dict[str, str]:
         with self._errors("list_personas"):
-            return dict(sorted(self._r.hgetall(self.keys.personas(owner)).items()))
+            stored = self._r.hgetall(self.keys.personas(owner))
+        return {str(k): str(v) for k, v in sorted(stored.items())}
 
     def delete_persona(self, owner: str, name: str) -> bool:
         with self._errors("delete_persona"):
@@ -490,7 +492,8 @@ class RedisStore:
 
     def list_tombstones(self) -> list[tuple[str, str]]:
         with self._errors("list_tombstones"):
-            return list(self._r.hgetall(self.keys.tombstones()).items())
+            stored = self._r.hgetall(self.keys.tombstones())
+        return [(str(sid), str(owner)) for sid, owner in stored.items()]
 
     def drop_tombstone(self, session_id: str) -> None:
         with self._errors("drop_tombstone"):
