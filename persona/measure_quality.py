@@ -91,7 +91,9 @@ def turn(engine, persona, history, line, params, checked: bool) -> tuple[str, st
     rules = quality.rules_for(persona, parts.post_history, earlier)
 
     def regenerate(attempt: int) -> str:
-        again = dataclasses.replace(params, seed=(params.seed or 0) + 7919 * attempt)
+        # as the service: another seed, and at least 0.7 (greedy would only say it again)
+        again = dataclasses.replace(params, seed=(params.seed or 0) + 7919 * attempt,
+                                    temperature=max(params.temperature, 0.7))
         return engine.complete(ids, again, logits_processors=procs).text.strip()
 
     settled = quality.settle(raw, rules, regenerate)

@@ -407,9 +407,10 @@ class Conversations:
         """For the quality check: a whole new reply with another seed (worker thread)."""
         backend = self.rt.backend
 
-        def again(attempt: int) -> str:
+        def again(attempt: int) -> str:  # greedy would only say it again: at least 0.7, as register repair
             seed = None if params.seed is None else params.seed + 7919 * attempt
-            return backend.complete(prep.prompt, replace(params, seed=seed), [guard] if guard is not None else [])
+            p = replace(params, seed=seed, temperature=max(params.temperature, 0.7))
+            return backend.complete(prep.prompt, p, [guard] if guard is not None else [])
 
         return again
 
