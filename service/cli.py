@@ -265,6 +265,8 @@ def bench(
     strategies: Annotated[str, typer.Option(help="with --engine-url: memory strategies, comma-separated")] = (
         "window,token_buffer,vector"),
     turns: Annotated[int, typer.Option(min=1, max=1000, help="with --engine-url: turns per strategy")] = 20,
+    structured: Annotated[bool, typer.Option(
+        "--structured", help="decode with a JSON schema against free decoding (same engine, same run)")] = False,
 ) -> None:
     """Engine numbers against Hugging Face transformers on the same weights (or, with
     --concurrency, serving numbers over HTTP against llama.cpp; with --engine-url, what Memento
@@ -280,6 +282,13 @@ def bench(
     settings = settings_or_exit(None, model=model)
     if concurrency is not None:
         serving_bench(settings.model, concurrency, llama_server, max_tokens, json_out)
+        return
+    if structured:
+        from model import load_model
+        from service.structured_bench import print_structured_table, run_structured_bench
+
+        r = run_structured_bench(load_or_exit(load_model, settings))
+        print(json.dumps(r, indent=2)) if json_out else print_structured_table(r)
         return
     result = run_bench(settings.model, device=settings.device, dtype=settings.dtype, json_out=json_out)
     if not json_out:
