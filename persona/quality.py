@@ -110,13 +110,10 @@ def repeated_phrase(ws: Sequence[str], times: int = REPEAT_TIMES) -> str | None:
     a piece of a word repeated six times inside it, or COMPACT_PHRASE letters `times` times once the
     spaces are gone (small models drop the spaces of Korean as they loop)."""
     stutter = next((m.group(1) for w in ws if (m := _STUTTER_RE.search(w))), None)
-    if stutter:
-        return stutter
-    compact = "".join(ws)
-    grams = Counter(compact[i : i + COMPACT_PHRASE] for i in range(len(compact) - COMPACT_PHRASE + 1))
-    for gram, _ in grams.most_common(3):
-        if compact.count(gram) >= times:
-            return gram
+    return stutter or _repeated_words(ws, times) or _repeated_letters("".join(ws), times)
+
+
+def _repeated_words(ws: Sequence[str], times: int) -> str | None:
     for n in (4, 3, 2):
         grams = Counter(tuple(ws[i : i + n]) for i in range(len(ws) - n + 1))
         phrase, count = grams.most_common(1)[0] if grams else ((), 0)
@@ -128,6 +125,11 @@ def repeated_phrase(ws: Sequence[str], times: int = REPEAT_TIMES) -> str | None:
         if run >= times:
             return a
     return None
+
+
+def _repeated_letters(compact: str, times: int) -> str | None:
+    grams = Counter(compact[i : i + COMPACT_PHRASE] for i in range(len(compact) - COMPACT_PHRASE + 1))
+    return next((g for g, _ in grams.most_common(3) if compact.count(g) >= times), None)
 
 
 def distinct_pair_share(ws: Sequence[str]) -> float:
@@ -208,12 +210,17 @@ def cut_repetition(reply: str) -> str:
         return reply[: stutter.start()].rstrip(" ,;·-")
     spans = _word_spans(reply)
     ws = [w for _, w in spans]
-    phrase = repeated_phrase(ws)
-    if phrase is None:
+    phrase = _repeated_words(ws, REPEAT_TIMES)
+    if phrase is not None:
+        n = len(phrase.split())
+        hits = [i for i in range(len(ws) - n + 1) if " ".join(ws[i : i + n]) == phrase]
+        return reply[: spans[hits[1]][0]].rstrip(" ,;·-") if len(hits) > 1 else reply
+    letters = _repeated_letters("".join(ws), REPEAT_TIMES)
+    if letters is None:
         return reply
-    n = len(phrase.split())
-    hits = [i for i in range(len(ws) - n + 1) if " ".join(ws[i : i + n]) == phrase]
-    return reply[: spans[hits[1]][0]].rstrip(" ,;·-") if len(hits) > 1 else reply
+    # the same letters with anything but letters between them: where the phrase comes back
+    hits = list(re.finditer(r"[\W_]*".join(map(re.escape, letters)), reply.lower()))
+    return reply[: hits[1].start()].rstrip(" ,;·-") if len(hits) > 1 else reply
 
 
 def cut_foreign_tail(reply: str, language: str, names: Iterable[str] = ()) -> str:

@@ -116,3 +116,11 @@ def test_a_phrase_looping_without_spaces_is_found():
     assert "repeated_phrase" in degeneration(loop, language="ko")
     fine = "오늘은 에티오피아 원두로 내린 핸드드립을 추천해요. 산미가 부드러워서 아침에 드시기 좋아요."
     assert degeneration(fine, language="ko") == []
+
+
+def test_a_looping_sentence_is_cut_after_its_first_time():
+    loop = "I'm sorry for any misunderstanding. " * 5
+    assert "repeated_phrase" in degeneration(loop)
+    assert cut_repetition(loop) == "I'm sorry for any misunderstanding."
+    glued = "먹고 싶어요먹고 싶어요 먹고 싶어요 먹고싶어요"
+    assert cut_repetition(glued) == "먹고 싶어요"
