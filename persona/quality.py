@@ -32,6 +32,10 @@ CARRIER_MARKERS = (
 # their particles ("반말로 다정하게"), so two of them already are the instruction's own phrase
 LEAK_WORDS = {"ko": 2}
 LEAK_WORDS_DEFAULT = 3
+# English words that make up phrases of any text: "in a few" (minutes) is no echo of "in a few plain sentences"
+FUNCTION_WORDS = frozenset("a an the in on at to of for with and or but is are be it i you me my your we "
+                           "our this that as by from so do not can will few some any all more very just if "
+                           "what how when there here up out about have has was".split())
 REPEAT_TIMES = 4  # a phrase this many times is a loop
 MIN_PAIRS = 6  # fewer word pairs than this: too short to judge distinctness or copying
 _WORD_RE = re.compile(r"[^\W_]+", re.UNICODE)
@@ -64,7 +68,7 @@ def find_leak(reply: str, instructions: Iterable[str] = (), markers: Iterable[st
         n = min(LEAK_WORDS.get(language.split("-")[0], LEAK_WORDS_DEFAULT), len(inst))
         if n < 2:  # one word is no evidence of copying
             continue
-        grams = {tuple(inst[i : i + n]) for i in range(len(inst) - n + 1)}
+        grams = {g for i in range(len(inst) - n + 1) if not set(g := tuple(inst[i : i + n])) <= FUNCTION_WORDS}
         for i in range(len(reply_words) - n + 1):
             if tuple(reply_words[i : i + n]) in grams:
                 found.append(Leak(_line_start(reply, spans[i][0]), " ".join(reply_words[i : i + n])))

@@ -124,3 +124,10 @@ def test_a_looping_sentence_is_cut_after_its_first_time():
     assert cut_repetition(loop) == "I'm sorry for any misunderstanding."
     glued = "먹고 싶어요먹고 싶어요 먹고 싶어요 먹고싶어요"
     assert cut_repetition(glued) == "먹고 싶어요"
+
+
+def test_english_function_words_alone_are_no_echo():
+    note = ["Memento answers User in a few plain sentences."]
+    assert find_leak("Sure, I'll be back in a few minutes.", note) is None
+    leak = find_leak("Okay. You can use memento in a few plain sentences.", note, language="en")
+    assert leak is not None and leak.start == len("Okay. ")
