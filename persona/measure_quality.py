@@ -75,12 +75,16 @@ class ChatRun:
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (user, raw, stored)
 
 
-def turn(engine, persona, history, line, params, checked: bool) -> tuple[str, str, list[str]]:
-    """One user line -> (raw reply, stored reply, post-history note text)."""
+def turn(engine, persona, history, line, params, checked: bool, placement: str = "user_suffix"
+         ) -> tuple[str, str, list[str]]:
+    """One user line -> (raw reply, stored reply, post-history note text). `placement`: the note as
+    memory/context.py's post_history_mode puts it ("system" only for templates that allow it)."""
     tok = engine.lm.tokenizer
     parts = build_prompt_parts(persona, remind=register_policy.drifted(persona, _labels(history)))
-    note = post_history_note(parts.post_history) if parts.post_history else ""
+    note = post_history_note(parts.post_history) if parts.post_history and placement == "user_suffix" else ""
     messages = parts.pinned + history + [{"role": "user", "content": line + note}]
+    if parts.post_history and placement == "system":
+        messages.append({"role": "system", "content": parts.post_history})
     ids = tok.apply_chat_template(messages)
     guard = register_policy.guard_for(persona, tok)
     procs = [guard] if guard is not None else []
@@ -111,7 +115,8 @@ def _labels(history: list[dict[str, str]]) -> list[str]:
 
 
 def converse(engine, persona, mode: str, turns: int, sampling: dict[str, Any], seed: int, max_tokens: int,
-             checked: bool = True, probe: bool = True, verbose: bool = False) -> ChatRun:
+             checked: bool = True, probe: bool = True, verbose: bool = False,
+             placement: str = "user_suffix") -> ChatRun:
     """The scripted chat (lines cycle past the script's end), then the persona's fact probes."""
     from model import SamplingParams
 
@@ -125,7 +130,7 @@ def converse(engine, persona, mode: str, turns: int, sampling: dict[str, Any], s
         stops = (quality.carrier_stops(persona) if checked else []) + (sampling.get("stop") or [])
         params = SamplingParams(**{**sampling, "stop": stops}, max_tokens=max_tokens, seed=seed * 1000 + i)
         t0 = time.perf_counter()
-        raw, stored, instructions = turn(engine, persona, history, line, params, checked)
+        raw, stored, instructions = turn(engine, persona, history, line, params, checked, placement)
         run.seconds.append(time.perf_counter() - t0)
         earlier = [m["content"] for m in history if m["role"] == "assistant"]
         rules = quality.rules_for(persona, instructions[0] if instructions else None, earlier)
@@ -192,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], help="override a preset field, e.g. dry_multiplier=0")
     ap.add_argument("--raw", action="store_true", help="no carrier stops, no post-check")
     ap.add_argument("--no-probe", action="store_true", help="skip the fact probe")
+    ap.add_argument("--placement", default="user_suffix", choices=["user_suffix", "system"],
+                    help="where the post-history note goes (memory/context.py's post_history_mode)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--show-replies", action="store_true")
     a = ap.parse_args(argv)
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         targets[name] = persona.register if persona.register != "any" else None
         for mode in a.modes.split(","):
             run = converse(engine, persona, mode, a.turns, sampling, a.seed, a.max_tokens, checked=not a.raw,
-                           probe=not a.no_probe, verbose=a.show_replies)
+                           probe=not a.no_probe, verbose=a.show_replies, placement=a.placement)
             runs.append(run)
             print(format_table([run], targets).splitlines()[-1], flush=True)
     print(format_table(runs, targets))
