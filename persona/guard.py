@@ -190,10 +190,11 @@ class RegisterGuard:
         self.forbidden = polite_word if register == "banmal" else banmal_word
         self.tables = tables_for(tokenizer, register)
         self._byte_pieces = continuation_pieces(tokenizer)
+        self._bytes: dict[int, bytes] = {}  # token id -> its bytes (see _tail)
 
     def blocked_ids(self, generated_ids: Sequence[int]) -> torch.Tensor:
         """Token ids to down-weight after `generated_ids` (CPU long tensor, may repeat ids)."""
-        tail = self.tokenizer.decode(list(generated_ids[-TAIL_TOKENS:])) if generated_ids else ""
+        tail = self._tail(generated_ids)
         if tail.endswith("\ufffd"):  # mid-character: only byte pieces can follow, judge what they complete
             return torch.cat([self.tables.always, self._completing_ids(generated_ids)])
         word = trailing_word(tail)
@@ -204,6 +205,22 @@ class RegisterGuard:
             if self.forbidden(word + lead):
                 parts += [closing, open_]
         return torch.cat(parts)
+
+    def _tail(self, generated_ids: Sequence[int]) -> str:
+        """The text of the last TAIL_TOKENS ids, from per-token bytes cached once per id: a batched
+        step calls every row's guard, so no row pays a tokenizer decode per token."""
+        pieces = []
+        for t in generated_ids[-TAIL_TOKENS:]:
+            piece = self._bytes.get(t)
+            if piece is None:
+                piece = self._bytes[t] = self._token_bytes(t)
+            pieces.append(piece)
+        return b"".join(pieces).decode("utf-8", "replace")
+
+    def _token_bytes(self, t: int) -> bytes:
+        if hasattr(self.tokenizer, "token_bytes"):
+            return self.tokenizer.token_bytes(t)
+        return self.tokenizer.decode([t]).encode("utf-8")  # whole-character vocabularies (tests)
 
     def _completing_ids(self, generated_ids: Sequence[int]) -> torch.Tensor:
         """Byte-level vocabularies (SmolLM2 spells 요 as 3 byte tokens): block the piece that would
