@@ -47,3 +47,52 @@ def backend_render_free(messages):
     from service.backend import Rendered
 
     return Rendered(messages, 10, continuation="Hello")
+
+
+def test_a_drifted_reply_is_repaired_by_continuing_it(tmp_path, monkeypatch):
+    """An engine that answers politely (존댓말) to a banmal persona: the post-check labels it, the
+    repair asks the same engine to continue from the last good sentence (raw /completions of our
+    rendered prompt), and the stored reply says which mode ran."""
+    import json
+
+    import httpx
+
+    import service.remote_engine as remote
+    from tests.remote.conftest import make_settings, start_app
+
+    raw_prompts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "m", "owned_by": "me"}]})
+        body = json.loads(request.content) if request.content else {}
+        if request.url.path.endswith("/chat/completions"):
+            text = "네, 잘 먹었어요. 아빠는 뭐 드셨어요?"  # polite: off the persona's register
+        elif request.url.path.endswith("/completions"):
+            raw_prompts.append(body["prompt"])
+            text = " 아빠는 뭐 먹었어?"
+        else:
+            return httpx.Response(404)
+        chunk = {"choices": [{"index": 0, "delta": {"content": text}, "text": text, "finish_reason": "stop"}]}
+        return httpx.Response(200, content=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+
+    original = remote.EngineHTTP.__init__
+
+    def mocked(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.client = httpx.Client(transport=httpx.MockTransport(handler))
+
+    monkeypatch.setattr(remote.EngineHTTP, "__init__", mocked)
+    settings = make_settings(tmp_path, engine_url="http://engine.test/v1", model="smollm2-135m-instruct",
+                             context_window=4096)
+    for app in start_app(settings, None):
+        c = app.client
+        sid = c.post("/v1/sessions", json={"persona": "daughter-ko"}).json()["id"]
+        r = c.post(f"/v1/sessions/{sid}/messages", json={"content": "밥 먹었어?"})
+        assert r.status_code == 200
+        meta = r.json()["message"]["metadata"]
+        assert meta["register_guard"] == "post_check"
+        assert meta["register_repairs"] >= 1 and meta["register_repair_mode"] == "raw_completion"
+        assert meta["register"] == "banmal" and r.json()["message"]["content"].endswith("아빠는 뭐 먹었어?")
+        # the continuation: our chat template, then the reply up to its last good (rewritten) sentence
+        assert raw_prompts[-1].endswith("밥 먹었어?<|im_end|>\n<|im_start|>assistant\n네, 잘 먹었어.")
