@@ -70,3 +70,16 @@ def test_engine_profiles():
     for engine in ("llamacpp", "vllm"):
         assert api["depends_on"][engine] == {"condition": "service_healthy", "required": False}
     assert "profiles" not in api  # plain `docker compose up` still starts the API
+
+
+def test_replicas_profile_routes_by_session():
+    services = compose()["services"]
+    for name in ("api-2", "api-3"):
+        replica = services[name]
+        assert replica["profiles"] == ["replicas"] and replica["ports"] == []
+        assert replica["environment"] == services["api"]["environment"]  # the same API, another process
+    proxy = services["proxy"]
+    assert all(proxy["depends_on"][n]["condition"] == "service_healthy" for n in ("api", "api-2", "api-3"))
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "hash $memento_session consistent" in conf and "$http_x_session_id" in conf
+    assert all(f"server {n}:8000" in conf for n in ("api", "api-2", "api-3"))
