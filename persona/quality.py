@@ -276,12 +276,14 @@ def settle(reply: str, rules: ReplyRules, regenerate=None, max_retries: int = 2)
     not run) up to `max_retries` times. The first clean candidate wins, else the least bad (fewest
     problems). The metadata says what happened; what is returned never echoes the instructions."""
     meta: dict = {}
-    best, best_problems, tries = "", ["empty"] * 9, 0
-    candidate: str | None = reply
-    while candidate:
+    best, best_problems, tries = "", ["empty"], 0
+    candidate = reply
+    while True:
         text, problems = _settle_one(candidate, rules, meta)
-        if len(problems) < len(best_problems):
-            best, best_problems = text, problems
+        if not words(text) and not problems:
+            problems = ["empty"]  # the model ended its turn at once: worth another try too
+        if tries == 0 or (not words(text), len(problems)) < (not words(best), len(best_problems)):
+            best, best_problems = text, problems  # the fewest problems, and any words beat none
         if not problems or regenerate is None or tries >= max_retries:
             break
         tries += 1

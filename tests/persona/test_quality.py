@@ -131,3 +131,12 @@ def test_english_function_words_alone_are_no_echo():
     assert find_leak("Sure, I'll be back in a few minutes.", note) is None
     leak = find_leak("Okay. You can use memento in a few plain sentences.", note, language="en")
     assert leak is not None and leak.start == len("Okay. ")
+
+
+def test_an_empty_reply_is_tried_again_and_any_words_beat_an_empty_cut():
+    rules = ReplyRules(instructions=[NOTE], language="ko")
+    assert settle("", rules, lambda attempt: "응, 알겠어!").text == "응, 알겠어!"
+    echo_only = "[System note: " + NOTE + "]"
+    looping = "응, 아빠, 아빠, 아빠, 아빠!"
+    out = settle(echo_only, rules, lambda attempt: looping, max_retries=1)
+    assert out.text == "응, 아빠" and out.metadata["repetition_cut"]
