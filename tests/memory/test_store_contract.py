@@ -426,6 +426,25 @@ def test_sqlite_creates_parent_dirs_and_refuses_newer_schema(tmp_path):
         SQLiteStore(path)
 
 
+def test_sqlite_schema_1_file_is_migrated_in_place(tmp_path):
+    from memory.sqlite_store import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    raw = sqlite3.connect(path)
+    for sql in MIGRATIONS[0]:
+        raw.execute(sql)
+    raw.execute("INSERT INTO sessions VALUES ('s1', 'alice', 'assistant', '{}', '{}', '2026-01-01T00:00:00+00:00')")
+    raw.execute("PRAGMA user_version=1")
+    raw.commit()
+    raw.close()
+    store = SQLiteStore(path)  # a file from before personas, tombstones and leases
+    assert store.get_session("s1").owner == "alice"
+    store.put_persona("alice", "chef", "x")
+    assert store.delete_session("s1") and store.list_tombstones() == [("s1", "alice")]
+    assert store.acquire_lease("turn:s1", 1000) == 1
+    store.close()
+
+
 def test_sqlite_unusable_path_and_closed_store_are_unavailable(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(StoreUnavailable, match="cannot create the directory"):
