@@ -35,7 +35,7 @@ MEMORIES = [
     {"strategy": "summary"},
     {"strategy": "vector", "k": 2, "turns": 1},  # indexes into the shared Chroma server
 ]
-LEASE_EXPIRY_S = 25.0  # the dead process's 10 s turn lease, with slack for a busy CI box
+LEASE_EXPIRY_S = 20.0  # the dead process's 3 s turn lease, with ample slack for a busy CI box
 FOLD = re.compile(r"summary (\S+) of (\S+) folded \[(\d+):(\d+)\]")
 
 
