@@ -79,24 +79,23 @@ class EngineHTTP:
             raise EngineStatus(r.status_code, r.text[:500])
         return r.json()
 
-    def with_retries(self, attempt: Callable[[], Any]) -> Any:
-        """`attempt()` again after connection failures and 502/503/504, with backoff; then 503."""
+    def with_retries(self, attempt: Callable[[], httpx.Response]) -> httpx.Response:
+        """`attempt()` again after connection failures and 502/503/504 (an engine still loading),
+        with backoff; then 503. Only ever called before any reply byte was read."""
         for delay in (*RETRY_DELAYS, None):
             try:
-                result = attempt()
+                response = attempt()
             except _RETRYABLE as exc:
                 if delay is None:
                     raise engine_unavailable(self.base, describe(exc)) from exc
             except httpx.TimeoutException as exc:  # slow, not down: no retry (it would only wait longer)
                 raise engine_unavailable(self.base, describe(exc)) from exc
             else:
-                if getattr(result, "status_code", 200) not in (502, 503, 504) or delay is None:
-                    return result
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-            time.sleep(delay)  # type: ignore[arg-type]
-        raise AssertionError("unreachable")
+                if response.status_code not in (502, 503, 504) or delay is None:
+                    return response
+                response.close()
+            time.sleep(delay or 0)
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def stream(self, path: str, body: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
         """The `data:` payloads of an SSE response, parsed; retried only until the response opens."""
