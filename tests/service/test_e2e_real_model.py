@@ -40,7 +40,8 @@ def test_real_model_session_turns(real_app):
 def test_real_model_openai_stream(real_app):
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=real_app.client, max_retries=0)
     stream = client.chat.completions.create(
-        model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        model="smollm2-135m-instruct",  # a wording that is no near-tie (tests/service/test_cli.py)
+        messages=[{"role": "user", "content": "Which city is the capital of France?"}],
         temperature=0, max_tokens=16, stream=True, stream_options={"include_usage": True},
     )
     chunks = list(stream)
