@@ -160,7 +160,8 @@ class RemoteBackend:
     """The seam over HTTP. No logit processors (the logits are the engine's); counting is exact
     with a local tokenizer and the engine's own otherwise."""
 
-    capabilities = Capabilities(logit_processors=False, cached_tokens=True, token_ids=False)
+    # cached tokens: only as the engine reports them (vLLM's prompt_tokens_details); llama.cpp sends none
+    capabilities = Capabilities(logit_processors=False, cached_tokens=False, token_ids=False)
 
     def __init__(self, http: EngineHTTP, *, model: str | None, window: int | None, local_tokenizer: Any = None):
         from service.remote_tokens import EngineCounter
