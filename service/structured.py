@@ -143,6 +143,10 @@ class GrammarConstraint:
         # (each costs a thread-pool round trip, slow on a busy CPU)
         block = np.ones(n, dtype=bool)
         block[:m] = ~mask[:m]
+        if logits.device.type == "cpu":  # numpy is single-threaded: no OpenMP round trip, which
+            out = logits.numpy().copy()  # costs ms on a busy 2-core CPU (measured 1.35 ms vs 32 us)
+            out[block] = -np.inf
+            return torch.from_numpy(out)
         return logits.masked_fill(torch.from_numpy(block).to(logits.device), float("-inf"))
 
     def _mask_for(self, generated: list[int]) -> np.ndarray:
