@@ -8,13 +8,15 @@ when given, llama.cpp's `llama-server -np <max level> -t <threads>` get the same
 each level c, c concurrent streamed `/v1/chat/completions` calls with distinct prompts, greedy,
 `max_tokens` each. Per level: aggregate decode tok/s (completion tokens after the first, over the
 span from the first first-token to the last token), per-session decode tok/s (median of each
-stream's own rate), TTFT p50/p95, and KV bytes per token. When `llama_cpp` is importable, its
+stream's own rate), TTFT p50/p95, and KV bytes per token. When `llama_cpp` is importable (here, or in
+the interpreter `.ci/run` builds for the remote-engine tests, or $MEMENTO_LLAMA_SERVER_PYTHON), its
 single-stream decode (same GGUF, same threads) is measured too. Ratios are ours / theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -128,19 +130,41 @@ def _kv_bytes_per_token(url: str) -> float | None:
     return None
 
 
+_SINGLE_STREAM = """
+import sys, time, llama_cpp
+gguf, threads, max_tokens, topic = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_ctx=2048, verbose=False)
+msgs = [{"role": "user", "content": f"Tell me a long story about {topic}."}]
+llm.create_chat_completion(msgs, max_tokens=4, temperature=0)
+times = [time.perf_counter() for _ in llm.create_chat_completion(msgs, max_tokens=max_tokens, temperature=0,
+                                                                   stream=True)]
+print((len(times) - 2) / (times[-1] - times[1]) if len(times) > 3 else "none")
+"""
+
+
+def _llama_cpp_python() -> str | None:
+    """An interpreter with llama_cpp: ours, $MEMENTO_LLAMA_SERVER_PYTHON, or the venv .ci/run builds."""
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return sys.executable
+    default = Path.home() / ".cache" / "memento" / "llama-server-venv" / "bin" / "python"
+    candidate = os.environ.get("MEMENTO_LLAMA_SERVER_PYTHON") or str(default)
+    return candidate if Path(candidate).is_file() else None
+
+
 def llama_cpp_single_stream(gguf: str, threads: int, max_tokens: int) -> float | None:
-    """llama-cpp-python's own decode rate on the same GGUF (None when it is not installed)."""
-    try:
-        import llama_cpp
-    except ImportError:
+    """llama-cpp-python's own decode rate on the same GGUF, in its own process (None when no
+    interpreter has it, or it fails)."""
+    python = _llama_cpp_python()
+    if python is None:
         return None
-    llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_ctx=2048, verbose=False)
-    msgs = [{"role": "user", "content": f"Tell me a long story about {TOPICS[0]}."}]
-    llm.create_chat_completion(msgs, max_tokens=4, temperature=0)
-    times = []
-    for _ in llm.create_chat_completion(msgs, max_tokens=max_tokens, temperature=0, stream=True):
-        times.append(time.perf_counter())
-    return (len(times) - 2) / (times[-1] - times[1]) if len(times) > 3 else None
+    print(f"bench: llama-cpp-python single stream ({python})", file=sys.stderr)
+    run = subprocess.run([python, "-c", _SINGLE_STREAM, gguf, str(threads), str(max_tokens), TOPICS[0]],
+                         capture_output=True, text=True, timeout=600)
+    out = run.stdout.strip().splitlines()
+    try:
+        return float(out[-1]) if run.returncode == 0 and out else None
+    except ValueError:
+        return None
 
 
 def run_serving_bench(levels: list[int], model: str = "smollm2-135m-instruct", llama_server: str | None = None,

@@ -153,3 +153,21 @@ def test_sixty_four_idle_sessions_stay_cached_within_the_default_budget(tmp_path
         assert b["cached_tokens"] >= a["prompt_tokens"] + a["completion_tokens"] - 2 * 16  # but partial blocks
     assert stats["kv_blocks_used"] <= stats["kv_blocks_total"]
     assert stats["kv_pool_bytes"] <= 1 << 30 and stats["kv_cache_bytes"] <= stats["kv_pool_bytes"]
+
+
+def test_llama_cpp_single_stream_runs_in_the_interpreter_that_has_it(monkeypatch, tmp_path):
+    """The peer's single-stream rate comes from whichever interpreter has llama_cpp; none -> None."""
+    import importlib.util
+
+    from service import serving_bench
+    from tests.model.conftest import SMOLLM2_GGUF
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # not in our venv (as in CI)
+    monkeypatch.setenv("MEMENTO_LLAMA_SERVER_PYTHON", str(tmp_path / "missing-python"))
+    assert serving_bench.llama_cpp_single_stream(str(SMOLLM2_GGUF), 2, 8) is None
+    monkeypatch.delenv("MEMENTO_LLAMA_SERVER_PYTHON")
+    python = serving_bench._llama_cpp_python()  # the venv .ci/run builds, when it is there
+    if python is None:
+        pytest.skip("no interpreter with llama_cpp (.ci/run installs one)")
+    rate = serving_bench.llama_cpp_single_stream(str(SMOLLM2_GGUF), 2, 16)
+    assert rate is not None and rate > 0
