@@ -8,6 +8,7 @@
     register_mode: guard         # off | remind | guard
     user_name: 아빠
     greeting: 아빠 왔어?
+    sampling: {min_p: 0.05}      # optional: over the model's preset (model/presets.py), under the request
     examples:
       - user: 밥 먹었어?
         assistant: 응, 먹었어! 아빠는?

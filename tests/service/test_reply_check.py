@@ -90,3 +90,17 @@ def test_openai_chat_with_a_persona_cuts_the_leak_and_models_show_presets(app):
     assert r.json()["choices"][0]["message"]["content"] == "Sure, here you go."
     card = c.get("/v1/models").json()["data"][0]
     assert "sampling" in card  # the tiny test model has no preset: null; built-in models show theirs
+
+
+def test_a_persona_file_sets_its_sampling_and_a_bad_field_is_named():
+    import pytest
+
+    from persona.errors import PersonaError
+    from persona.schema import dump_persona, parse_persona_text
+
+    text = "---\nname: calm\nsampling: {min_p: 0.05, dry_multiplier: 1.0}\n---\nA calm friend.\n"
+    p = parse_persona_text(text)
+    assert reply_check.persona_sampling(p) == {"min_p": 0.05, "dry_multiplier": 1.0}
+    assert "sampling:" in dump_persona(p) and "dry_base" not in dump_persona(p)
+    with pytest.raises(PersonaError, match="sampling"):
+        parse_persona_text("---\nname: hot\nsampling: {temprature: 3}\n---\nx\n")
