@@ -81,8 +81,9 @@ def turn(engine, persona, history, line, params, checked: bool, placement: str =
     memory/context.py's post_history_mode puts it ("system" only for templates that allow it)."""
     tok = engine.lm.tokenizer
     parts = build_prompt_parts(persona, remind=register_policy.drifted(persona, _labels(history)))
-    note = post_history_note(parts.post_history) if parts.post_history and placement == "user_suffix" else ""
-    messages = parts.pinned + history + [{"role": "user", "content": line + note}]
+    note = post_history_note(parts.post_history) if parts.post_history and placement != "system" else ""
+    content = f"{note.strip()}\n\n{line}" if note and placement == "user_prefix" else line + note
+    messages = parts.pinned + history + [{"role": "user", "content": content}]
     if parts.post_history and placement == "system":
         messages.append({"role": "system", "content": parts.post_history})
     ids = tok.apply_chat_template(messages)
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], help="override a preset field, e.g. dry_multiplier=0")
     ap.add_argument("--raw", action="store_true", help="no carrier stops, no post-check")
     ap.add_argument("--no-probe", action="store_true", help="skip the fact probe")
-    ap.add_argument("--placement", default="user_suffix", choices=["user_suffix", "system"],
+    ap.add_argument("--placement", default="user_suffix", choices=["user_suffix", "user_prefix", "system"],
                     help="where the post-history note goes (memory/context.py's post_history_mode)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--show-replies", action="store_true")
