@@ -26,6 +26,8 @@ def test_preset_then_persona_then_request_and_the_carrier_stops():
     assert out.stop[0] == "END" and preset_for("gemma-3-270m")["stop"][0] in out.stop and "[System note" in out.stop and "\n아빠:" in out.stop
     bare = reply_check.turn_sampling(Sampling(temperature=0.0), "some-gguf", DAUGHTER, persona_prompt=False)
     assert bare.temperature == 0.0 and bare.stop == [] and bare.extra == {}  # no preset, no persona prompt
+    grammar = reply_check.turn_sampling(Sampling(processors=list), "gemma-3-270m", DAUGHTER, persona_prompt=False)
+    assert grammar.extra == {} and grammar.stop == []  # JSON / tool calls: no DRY, no newline stop
 
 
 def test_settle_reply_cuts_then_regenerates_and_stops_when_the_client_left():
