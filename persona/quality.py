@@ -223,8 +223,8 @@ def cut_repetition(reply: str) -> str:
     if letters is None:
         return reply
     # the same letters with anything but letters between them: where the phrase comes back
-    hits = list(re.finditer(r"[\W_]*".join(map(re.escape, letters)), reply.lower()))
-    return reply[: hits[1].start()].rstrip(" ,;·-") if len(hits) > 1 else reply
+    again = [m.start() for m in re.finditer(r"[\W_]*".join(map(re.escape, letters)), reply.lower())]
+    return reply[: again[1]].rstrip(" ,;·-") if len(again) > 1 else reply
 
 
 def cut_foreign_tail(reply: str, language: str, names: Iterable[str] = ()) -> str:
