@@ -68,16 +68,19 @@ def write_random_gguf(path, qtype: Q, seed: int = 0, shape: dict | None = None) 
     return count
 
 
-def _rss() -> int:
+def _status(field: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def _rss() -> int:
+    return _status("VmRSS")
 
 
 def measure(path: str, weights: str) -> dict:
     """Load in this process and report bytes resident for the model (RSS after the load minus
     RSS after the imports), the peak, the load time, and greedy argmaxes: over the prompt's
     positions, then 3 decoded tokens."""
-    import resource
     import time
 
     import torch
@@ -89,7 +92,9 @@ def measure(path: str, weights: str) -> dict:
     base, t0 = _rss(), time.perf_counter()
     _, m = load_weights(path, weights=weights, max_seq_len=64)
     load_s, resident = time.perf_counter() - t0, _rss() - base
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    # VmHWM, not getrusage's ru_maxrss: that survives exec, so a child of a big pytest process
+    # would report its parent's size as its own peak
+    peak = _status("VmHWM") - base
     ids = torch.tensor([[1, 5, 900, 31, 2000, 7, 123, 4000]])
     with torch.inference_mode():
         cache = m.new_cache()

@@ -191,7 +191,7 @@ def test_unknown_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ModelLoadError, match=r"foo\.gguf: unknown architecture 'foo'.*llama, qwen2, gemma3"):
+    with pytest.raises(ModelLoadError, match=r"foo\.gguf: unknown architecture 'foo'.*llama, qwen2, qwen3, gemma3"):
         load_model(path, device="cpu", progress=False)
 
 
