@@ -7,8 +7,8 @@
     install_quantized(model, {"layers.0.attention.wq.weight": pw, ...})
 
 Decode reads every weight once per token, so a float32 copy (4 bytes/weight) is bandwidth bound;
-a 4-bit plane is 0.56 bytes/weight. Every supported ggml block type is first written as
-w = d * q + m per group (m = 0 for symmetric types), with d and m computed by the same float32
+a 4-bit plane with its bf16 scales is 0.625 bytes/weight. Every supported ggml block type is
+first written as w = d * q + m per group (m = 0 for symmetric types), with d and m computed by the same float32
 operations as model/dequant.py, so `QWeight.dequantized()` equals `dequantize()` bit for bit;
 packing then maps that onto the kernel's format (below), exactly but for bf16 rounding.
 """
@@ -139,7 +139,7 @@ def permute_rows(qw: QWeight, fn) -> QWeight:
 #
 # Any integer weight w = d * q + m maps onto it exactly: with u = q + o in [0, 255] split into
 # nibbles u = 16h + l, w = 16d (h - 8) + d (l - 8) + ((136 - o) d + m); one plane (u = q - min(q),
-# zero (8 - o) d + m) when q spans at most 16 values. Q4_* types take one plane (0.5625
+# zero (8 - o) d + m) when q spans at most 16 values. Q4_* types take one plane (0.625
 # bytes/weight with bf16 scales), Q5_*/Q8_0 two; Q6_K's 16-value scales are requantized to int8
 # per 32 (error <= 1/254 of the group's largest weight, 8x finer than Q6_K's own step).
 
