@@ -8,8 +8,8 @@
 
 Decode reads every weight once per token, so a float32 copy (4 bytes/weight) is bandwidth bound;
 a 4-bit plane with its bf16 scales is 0.625 bytes/weight. Every supported ggml block type is
-first written as w = d * q + m per group (m = 0 for symmetric types), with d and m computed by the same float32
-operations as model/dequant.py, so `QWeight.dequantized()` equals `dequantize()` bit for bit;
+first written as w = d * q + m per group (m = 0 for symmetric types), with d and m computed by
+the same float32 operations as model/dequant.py, so `QWeight.dequantized()` equals `dequantize()` bit for bit;
 packing then maps that onto the kernel's format (below), exactly but for bf16 rounding.
 """
 
