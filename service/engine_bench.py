@@ -15,7 +15,6 @@ The same request is then sent to the engine directly, for the "direct" column.
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import httpx
 
 from service.loadgen import percentiles
+from service.loopback import LoopbackServer, free_port
 
 TARGET_MS = {"window": 25.0, "token_buffer": 25.0, "vector": 60.0}
 LINES = ["My name is Ada and I live in Lisbon.", "I have a cat called Pickles.", "I work as a baker.",
@@ -103,35 +103,15 @@ class served:
         from service.settings import load_settings
 
         settings = load_settings(data_dir=tmp / "data", engine_url=engine_url, engine_key=engine_key,
-                                 memory={"strategy": strategy}, model=model, port=_free_port())
-        self.app = create_app(settings)
-        self.port = settings.port
+                                 memory={"strategy": strategy}, model=model, port=free_port())
+        self.live = LoopbackServer(create_app(settings), settings.port, start_timeout=120)
 
     def __enter__(self) -> tuple[str, Any]:
-        import uvicorn
-
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("memento did not start in front of the engine")
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}", self.app.state.rt
+        self.live.__enter__()
+        return self.live.url, self.live.app.state.rt
 
     def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        self.live.__exit__(*exc)
 
 
 def print_engine_table(result: dict[str, Any]) -> None:

@@ -19,7 +19,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,16 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from service.loadgen import percentiles
+from service.loopback import free_port
 
 TOPICS = ["a lighthouse keeper", "a lost cat", "the first snow", "a night train", "an old violin", "a tiny robot",
           "a forest fire", "a letter from home", "a broken clock", "a summer storm", "a mountain village",
           "a chess match", "a quiet library", "a ship in a bottle", "a garden at dawn", "a paper kite"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600.0) -> None:
@@ -99,7 +93,7 @@ def _measure(url: str, levels: list[int], max_tokens: int, model: str) -> list[d
 
 
 def _start_memento(model: str, max_running: int, max_tokens: int, data_dir: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MEMENTO_MODEL=model, MEMENTO_DATA_DIR=data_dir, MEMENTO_MAX_RUNNING=str(max_running),
                MEMENTO_QUEUE_SIZE=str(4 * max_running), MEMENTO_MAX_TOKENS=str(max_tokens),
                MEMENTO_OWNER_RUNNING=str(max_running), MEMENTO_OWNER_WAITING=str(4 * max_running))
@@ -112,7 +106,7 @@ def _start_memento(model: str, max_running: int, max_tokens: int, data_dir: str)
 
 
 def _start_llama_server(binary: str, gguf: str, slots: int, threads: int) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     args = [binary, "-m", gguf, "-np", str(slots), "-t", str(threads), "-c", str(2048 * slots),
             "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

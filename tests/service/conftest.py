@@ -6,7 +6,6 @@ real chat template), the real app over real SQLite and real Redis stores, the re
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.loopback import LoopbackServer as LiveServer  # noqa: F401  (tests import both from here)
+from service.loopback import free_port  # noqa: F401
 from tests.store_fixtures import make_store_spec, redis_url, require_redis  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -143,12 +144,6 @@ def app(tmp_path, tiny_lm) -> Iterator[AppHarness]:
     yield from start_app(make_settings(tmp_path), tiny_lm)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def read_sse(lines) -> tuple[list, list[str]]:
     """(data payloads parsed as JSON, with "[DONE]" kept as the string) and the raw non-empty lines."""
     import json
@@ -162,37 +157,6 @@ def read_sse(lines) -> tuple[list, list[str]]:
             data = line[len("data: "):]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events, raw
-
-
-class LiveServer:
-    """uvicorn serving the real app in a thread on 127.0.0.1:<free port>."""
-
-    def __init__(self, app, port: int):
-        import threading
-
-        import uvicorn
-
-        self.app = app
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture
