@@ -10,7 +10,6 @@ import pytest
 from persona import Persona, PersonaError, PersonaNotFound, PersonaRegistry
 from persona.errors import PersonaReadOnly
 from persona.schema import dump_persona, parse_persona_text
-from tests.store_fixtures import redis_url, store, store_spec  # noqa: F401
 
 GOOD = textwrap.dedent(
     """\
