@@ -9,6 +9,11 @@ Checkpoints without a template (e.g. the Gemma 3 270M base GGUF) fall back to a 
 template picked from the turn markers found in the vocabulary (Gemma, ChatML, Llama 3); a
 vocabulary with none of those gets a `ChatTemplateError` telling how to supply one.
 
+Tools follow transformers' convention: `tools` (OpenAI-style {"type": "function", "function":
+{...}} dicts) is a template global, assistant messages may carry `tool_calls` (arguments as a
+dict) and `role: "tool"` messages hold results. `has_tools_section()` says whether a template
+reads `tools` at all; the caller describes tools some other way when it does not.
+
 `locate_contents()` finds where each message's content lies in the rendered text, so the
 tokenizer can tokenize content as plain text (a user typing "<|im_start|>system" must never
 produce the special token) while the template's own markers stay special.
@@ -25,6 +30,7 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -130,6 +136,16 @@ def compile_template(source: str) -> jinja2.Template:
         raise ChatTemplateError(f"chat template does not compile: {e} (line {e.lineno})") from e
 
 
+@lru_cache(maxsize=32)
+def has_tools_section(source: str) -> bool:
+    """Whether the template reads the `tools` global (HF's convention for templates that describe tools)."""
+    env = ImmutableSandboxedEnvironment(extensions=[loopcontrols])
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
+    except jinja2.TemplateSyntaxError:
+        return False  # compile_template says why when it is rendered
+
+
 def check_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     """Plain dict copies of `messages` with string content; a clear error naming the bad message otherwise.
 
@@ -163,12 +179,13 @@ def _join_text_parts(parts: list[Any], i: int) -> str:
 
 
 def render(source: str, messages: Sequence[Any], *, add_generation_prompt: bool = True,
-           variables: dict[str, Any] | None = None) -> str:
-    """Render `source` for `messages`; `variables` are extra globals such as bos_token/eos_token."""
+           variables: dict[str, Any] | None = None, tools: list[dict[str, Any]] | None = None) -> str:
+    """Render `source` for `messages`; `variables` are extra globals such as bos_token/eos_token,
+    `tools` the function definitions a template with a tools section describes (None: no tools)."""
     template = compile_template(source)
     try:
         return template.render(messages=check_messages(messages), add_generation_prompt=add_generation_prompt,
-                               tools=None, documents=None, **(variables or {}))
+                               tools=tools or None, documents=None, **(variables or {}))
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template failed to render: {e}") from e
 
@@ -185,7 +202,8 @@ class LocatedChat:
 
 
 def locate_contents(source: str, messages: Sequence[Any], *, add_generation_prompt: bool = True,
-                    variables: dict[str, Any] | None = None) -> LocatedChat | None:
+                    variables: dict[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> LocatedChat | None:
     """Render and find each string content in the output, or None if it cannot be located exactly.
 
     Renders once with real contents and once with unique sentinels in their place; the sentinel
@@ -193,10 +211,12 @@ def locate_contents(source: str, messages: Sequence[Any], *, add_generation_prom
     reproduce the real render exactly, else we return None rather than guess.
     """
     messages = check_messages(messages)
-    text = render(source, messages, add_generation_prompt=add_generation_prompt, variables=variables)
-    probes = [dict(m, content=f"{_PAD}\ue000{i}\ue001{_PAD}") for i, m in enumerate(messages)]
+    kw: dict[str, Any] = {"add_generation_prompt": add_generation_prompt, "variables": variables, "tools": tools}
+    text = render(source, messages, **kw)
+    # empty content stays empty: templates test it ("{% if message.content %}" before tool calls)
+    probes = [dict(m, content=f"{_PAD}\ue000{i}\ue001{_PAD}") if m["content"] else m for i, m in enumerate(messages)]
     try:
-        probe_text = render(source, probes, add_generation_prompt=add_generation_prompt, variables=variables)
+        probe_text = render(source, probes, **kw)
     except ChatTemplateError:
         return None
     out: list[str] = []

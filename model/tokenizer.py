@@ -179,31 +179,47 @@ class Tokenizer:
             f"tokenizer {self.name or '?'} has no chat template and its vocabulary has no known turn markers "
             "(Gemma, ChatML, Llama 3); set Tokenizer.chat_template to a Jinja template or use raw prompts")
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    @property
+    def has_tools_template(self) -> bool:
+        """Whether the chat template describes `tools` itself (else callers put them in a prompt)."""
+        return bool(self.chat_template) and ct.has_tools_section(self.chat_template)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text the model's chat template produces (what transformers renders)."""
         return ct.render(self._template(), messages, add_generation_prompt=add_generation_prompt,
-                         variables=self.template_vars)
+                         variables=self.template_vars, tools=tools)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Prompt ids: specials written by the template are special; message content is plain text.
 
         Normal messages give exactly transformers' ids (the rendered text is split at specials and the
         pieces encoded whole, as `tokenizers` does). When content itself contains special-token text,
-        specials are recognised only outside the located content spans.
+        specials are recognised only outside the located content spans. `tools` goes to the template
+        (transformers' `tools=`); tool-call arguments are client or model text, so specials in them
+        are defused, as content is where it cannot be located.
         """
         template = self._template()
-        msgs = ct.check_messages(messages)
+        msgs = [self._defuse_calls(m) for m in ct.check_messages(messages)]
         if not any(self.specials.contains_any(m["content"]) for m in msgs):
-            text = self.render_chat(msgs, add_generation_prompt)
+            text = self.render_chat(msgs, add_generation_prompt, tools)
             return self._encode_with_specials(text, [])
         located = ct.locate_contents(template, msgs, add_generation_prompt=add_generation_prompt,
-                                     variables=self.template_vars)
+                                     variables=self.template_vars, tools=tools)
         if located is not None:
             return self._encode_with_specials(located.text, located.content_spans)
         # Content can't be located (template rewrites it): break special strings inside the content.
         log.warning("chat template rewrites message content; defusing special-token text in messages")
         safe = [dict(m, content=self._defuse(m["content"])) for m in msgs]
-        return self._encode_with_specials(self.render_chat(safe, add_generation_prompt), [])
+        return self._encode_with_specials(self.render_chat(safe, add_generation_prompt, tools), [])
+
+    def _defuse_calls(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`tool_calls` with special-token text in their strings broken (the template writes them raw)."""
+        calls = message.get("tool_calls")
+        if not calls or not self.specials.contains_any(json.dumps(calls, ensure_ascii=False)):
+            return message
+        return dict(message, tool_calls=_map_strings(calls, self._defuse))
 
     def _encode_runs(self, texts: list[str]) -> list[list[int]]:
         """Encode many runs; cached per run, since callers re-count a growing chat turn after turn."""
@@ -215,8 +231,9 @@ class Tokenizer:
         self._run_cache.update((t, ids) for t, ids in fresh.items() if len(t) <= RUN_CACHE_MAX_CHARS)
         return [ids if ids is not None else fresh[t] for t, ids in zip(texts, out, strict=True)]
 
-    def count_messages(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> int:
-        return len(self.apply_chat_template(messages, add_generation_prompt))
+    def count_messages(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                       tools: list[dict[str, Any]] | None = None) -> int:
+        return len(self.apply_chat_template(messages, add_generation_prompt, tools))
 
     def _defuse(self, text: str) -> str:
         out, pos = [], 0
@@ -582,6 +599,17 @@ def merges_from_vocab(vocab: dict[str, int], order: dict[str, float]) -> list[tu
 
 
 # -- Hugging Face directory -----------------------------------------------------------------------------
+def _map_strings(value: Any, fn: Any) -> Any:
+    """`value` (JSON-like) with `fn` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {fn(k) if isinstance(k, str) else k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    return value
+
+
 def _token_str(value: Any) -> str | None:
     """tokenizer_config.json writes tokens either as "<s>" or as {"content": "<s>", ...}."""
     return value.get("content") if isinstance(value, dict) else value

@@ -82,7 +82,8 @@ class Backend(Protocol):
     @property
     def context_window(self) -> int: ...
 
-    def render(self, messages: list[dict[str, str]], n_pinned: int = 0) -> Rendered: ...
+    def render(self, messages: list[dict[str, str]], n_pinned: int = 0,
+               tools: list[dict[str, Any]] | None = None) -> Rendered: ...  # tools: the template's `tools=`
 
     def stream(self, prompt: Rendered, params: GenParams, *, session_id: str | None = None, owner: str = "",
                processors: Sequence[Any] = (), should_stop: Callable[[], bool] | None = None) -> Iterator[Any]: ...
@@ -132,14 +133,15 @@ class LocalBackend:
     def context_window(self) -> int:
         return self._window
 
-    def render(self, messages: list[dict[str, str]], n_pinned: int = 0) -> Rendered:
+    def render(self, messages: list[dict[str, str]], n_pinned: int = 0,
+               tools: list[dict[str, Any]] | None = None) -> Rendered:
         tok = self.tokenizer
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         if len(ids) >= self._window:
             raise context_too_long(len(ids), self._window)
         prefix_len = None
         if n_pinned:  # the persona prefix as the template renders it alone: what every session shares
-            pinned_ids = tok.apply_chat_template(messages[:n_pinned], add_generation_prompt=False)
+            pinned_ids = tok.apply_chat_template(messages[:n_pinned], add_generation_prompt=False, tools=tools)
             prefix_len = common_prefix(pinned_ids, ids) or None
         return Rendered(messages, len(ids), ids, prefix_len)
 

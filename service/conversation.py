@@ -289,9 +289,11 @@ class Conversations:
         return prep
 
     def prepare_stateless(
-        self, messages: list[dict[str, str]], *, persona_name: str | None, max_tokens: int | None, owner: str | None
+        self, messages: list[dict[str, str]], *, persona_name: str | None, max_tokens: int | None, owner: str | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> Prepared:
-        """Stateless: the client's messages as given, the persona's pinned parts first if one is named."""
+        """Stateless: the client's messages as given, the persona's pinned parts first if one is named.
+        `tools`: for a chat template with a tools section (service/tools.py)."""
         from persona.prompt import build_prompt_parts
 
         persona = self.persona(persona_name, owner)
@@ -300,14 +302,15 @@ class Conversations:
             parts = build_prompt_parts(persona)
             pinned = parts.pinned
             messages = [m for m in messages if m["role"] != "system"] if pinned else messages
-        prep = self._render(pinned + messages, len(pinned), persona, max_tokens)
+        prep = self._render(pinned + messages, len(pinned), persona, max_tokens, tools)
         if pinned:
             prep.rules = quality.rules_for(persona, None, [m["content"] for m in messages if m["role"] == "assistant"])
         return prep
 
-    def _render(self, messages: list[dict[str, str]], n_pinned: int, persona: Any, max_tokens: int | None) -> Prepared:
+    def _render(self, messages: list[dict[str, str]], n_pinned: int, persona: Any, max_tokens: int | None,
+                tools: list[dict[str, Any]] | None = None) -> Prepared:
         """The backend's prompt (400 when it cannot fit) and the reply limit that still fits the window."""
-        prompt = self.rt.backend.render(messages, n_pinned)
+        prompt = self.rt.backend.render(messages, n_pinned, tools=tools)
         limit = max_tokens or self.settings.max_tokens
         return Prepared(messages, prompt, max(1, min(limit, self.rt.context_window - prompt.tokens)), persona)
 

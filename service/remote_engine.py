@@ -265,7 +265,9 @@ class RemoteBackend:
             return "raw_completion"
         return "continue_final_message"
 
-    def render(self, messages: list[dict[str, str]], n_pinned: int = 0) -> Rendered:
+    def render(self, messages: list[dict[str, str]], n_pinned: int = 0,
+               tools: list[dict[str, Any]] | None = None) -> Rendered:
+        # tools are unused: the engine renders its own prompt (ToolPlan is built with native_ok=False)
         tokens = self.counter.count_messages(messages)
         if tokens >= self.context_window:
             raise context_too_long(tokens, self.context_window)

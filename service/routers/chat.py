@@ -48,7 +48,7 @@ from service.schemas import (
     TopLogprob,
 )
 from service.structured import ConstraintFactory, check_grammar, response_format_grammar
-from service.tools import CallStream, ToolPlan, parse_calls
+from service.tools import HERMES, CallFormat, CallStream, ToolPlan
 from service.tools import history as tool_history
 from service.worker import KEEPALIVE
 
@@ -79,13 +79,14 @@ async def chat_completions(
     sampling = Sampling(limit, body.temperature, body.top_p, body.seed, body.stop_list())
     if body.logit_bias:
         sampling.extra["logit_bias"] = logit_bias(body.logit_bias, rt.tokenizer.vocab_size)
-    plan = await run_in_threadpool(output_plan, body, rt.tokenizer, sampling)  # tools / response_format
+    native_ok = rt.backend.capabilities.token_ids  # we render the prompt, so a template's tools section can apply
+    plan = await run_in_threadpool(output_plan, body, rt.tokenizer, sampling, native_ok)  # tools / response_format
     sampling.extra.update(chat_sampling_extra(body))
     n = body.n or 1
     if session_id and n > 1:
         raise APIError(422, "n > 1 is for stateless calls: a session stores one reply per turn",
                        param="n", code="invalid_value")
-    body.messages = tool_history(body.messages)  # tool results and calls as text the template renders
+    body.messages = tool_history(body.messages, plan.format if plan else HERMES)  # tool traffic as text
     stored = None  # memory mode with an Idempotency-Key already answered: that reply, no new turn
     if session_id:
         session = await run_in_threadpool(session_for, conv, body, user, session_id, persona)
@@ -108,7 +109,7 @@ async def chat_completions(
 
         def prepare() -> Prepared:
             return conv.prepare_stateless(plan.render(messages) if plan else messages, persona_name=persona,
-                                          max_tokens=limit, owner=user)
+                                          max_tokens=limit, owner=user, tools=plan and plan.template_tools)
 
     sid = session.id if session else None
     outcomes = []
@@ -119,11 +120,11 @@ async def chat_completions(
         outcomes.append(idempotency.stored_outcome(stored, bool(body.stream)))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_name}
     headers = {"X-Session-ID": session.id} if session is not None else {}
-    tools_on = plan is not None and plan.mode != "none"
+    call_format = plan.format if plan is not None and plan.mode != "none" else None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         streams = await open_all(outcomes)
-        return sse.response(openai_stream(merge(streams), meta, include_usage, n, tools_on, rt.tokenizer),
+        return sse.response(openai_stream(merge(streams), meta, include_usage, n, call_format, rt.tokenizer),
                             headers=headers)
     results: list[TurnResult] = list(await asyncio.gather(*outcomes))
     completion = ChatCompletion(
@@ -192,12 +193,12 @@ async def open_all(outcomes: list[Any]) -> list[Any]:
     return streams
 
 
-def output_plan(body: ChatCompletionRequest, tok: Any, sampling: Sampling) -> ToolPlan | None:
+def output_plan(body: ChatCompletionRequest, tok: Any, sampling: Sampling, native_ok: bool = True) -> ToolPlan | None:
     """Put the request's grammar on `sampling` (tool calls, else response_format); the tool plan."""
-    plan = ToolPlan.build(body.tools, body.tool_choice, body.parallel_tool_calls, tok)
+    plan = ToolPlan.build(body.tools, body.tool_choice, body.parallel_tool_calls, tok, native_ok=native_ok)
     if plan is not None and plan.factory is not None:
         sampling.processors = lambda: plan.processors(tok)
-        sampling.tool_parser = parse_calls  # on the worker: memory mode stores the calls with the reply
+        sampling.tool_parser = plan.parse  # on the worker: memory mode stores the calls with the reply
         constrained_defaults(body, sampling)
         return plan
     grammar = response_format_grammar(body.response_format)
@@ -219,11 +220,12 @@ def constrained_defaults(body: ChatCompletionRequest, sampling: Sampling) -> Non
 
 
 def with_tools(conv: Conversations, prep: Prepared, plan: ToolPlan | None, limit: int | None) -> Prepared:
-    """Memory mode: the context the strategy built, with the tool definitions in its system message.
-    The transcript keeps calls and results as the same `<tool_call>` / `<tool_response>` text."""
-    if plan is None or plan.mode == "none":
+    """Memory mode: the context the strategy built, with the tool definitions (the fallback prompt in
+    its system message, or the template's tools section). The transcript keeps calls and results as
+    text (service/tools.py); a native template gets them back as `tool_calls` / `tool` messages."""
+    if plan is None or not plan.changes_prompt:
         return prep
-    out = conv._render(plan.render(prep.messages), 0, prep.persona, limit)
+    out = conv._render(plan.render(prep.messages), 0, prep.persona, limit, tools=plan.template_tools)
     out.session, out.new_message, out.ctx, out.remind = prep.session, prep.new_message, prep.ctx, prep.remind
     return out
 
@@ -259,15 +261,16 @@ def chat_logprobs(tok: Any, scored: list[Any]) -> ChoiceLogprobs:
 
 
 async def openai_stream(items: AsyncIterator[tuple[int, Any]], meta: dict[str, Any], include_usage: bool,
-                        n: int = 1, tools_on: bool = False, tok: Any = None) -> AsyncIterator[bytes]:
+                        n: int = 1, call_format: CallFormat | None = None, tok: Any = None) -> AsyncIterator[bytes]:
     """Chunks as OpenAI sends them: a role chunk per choice, content (or tool-call) chunks, one
-    finish chunk per choice, an optional usage chunk (empty `choices`), then [DONE]."""
+    finish chunk per choice, an optional usage chunk (empty `choices`), then [DONE].
+    `call_format`: tools are on and calls are written this way."""
 
     def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> bytes:
         data = ChatCompletionChunk(**meta, choices=choices, usage=usage).model_dump(exclude_none=not include_usage)
         return sse.event(data)
 
-    calls = [CallStream() if tools_on else None for _ in range(n)]
+    calls = [CallStream(call_format) if call_format else None for _ in range(n)]
     results: list[TurnResult] = []
     for i in range(n):
         yield chunk([ChunkChoice(delta=ChoiceDelta(role="assistant", content=""), index=i)])
