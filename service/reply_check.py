@@ -35,7 +35,7 @@ def persona_sampling(persona: Any) -> dict[str, Any]:
 def turn_sampling(sampling: Any, model_name: str, persona: Any, persona_prompt: bool) -> Any:
     """A copy of the request's `Sampling` with the layers filled in (see module doc). The carrier
     stops only where the prompt carries the persona's notes (memory mode or a named persona); no
-    preset under a grammar (tool calls, JSON: its own repetition penalty, service/routers/chat.py)."""
+    preset under a grammar (tool calls, JSON: its own reply-only repetition penalty, service/routers/chat.py)."""
     given = {"temperature": sampling.temperature, "top_p": sampling.top_p, **sampling.extra}
     preset = preset_for(model_name) if sampling.processors is None else {}
     merged = merge_sampling(OPENAI_DEFAULTS, preset, persona_sampling(persona), given)

@@ -31,8 +31,11 @@ from service.errors import APIError
 
 MAX_SCHEMA_CHARS = 32_000  # a schema larger than this is refused: compiling it would stall the worker
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
-# compact JSON: a small model given free whitespace can loop on newlines until max_tokens
-JSON_DEFAULTS = {"whitespace_flexible": False, "coerce_one_of": True}
+# No free whitespace (a small model given it can loop on newlines until max_tokens), but the
+# separators json.dumps writes, as most JSON a model has seen (and our tool prompt) looks: compact
+# "," / ":" blocked SmolLM2-135M's ' "' after a key, and it nested {"setup":{"setup":... instead.
+JSON_SEPARATORS = {"item_separator": ", ", "key_separator": ": "}
+JSON_DEFAULTS = {"whitespace_flexible": False, "coerce_one_of": True, **JSON_SEPARATORS}
 
 _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memento-grammar")
 _TOK_LOCK = threading.Lock()
@@ -175,6 +178,30 @@ class GrammarConstraint:
     @property
     def error(self) -> str | None:
         return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+class ReplyRepetitionPenalty:
+    """Hugging Face's repetition penalty (a positive logit divided by `penalty`, a negative one
+    multiplied) over the reply's own tokens, not the prompt's: under a grammar the reply copies
+    the prompt's values, and only its repeating itself should cost. In numpy on CPU (see
+    GrammarConstraint.__call__)."""
+
+    def __init__(self, penalty: float) -> None:
+        self.penalty = penalty
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if not generated:
+            return logits
+        if logits.device.type != "cpu":
+            from model.sampling import apply_repetition_penalty
+
+            return apply_repetition_penalty(logits, generated, self.penalty)
+        out = logits.numpy().copy()
+        ids = np.unique(np.asarray(generated, dtype=np.int64))
+        ids = ids[ids < out.shape[-1]]
+        seen = out[ids]
+        out[ids] = np.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        return torch.from_numpy(out)
 
 
 class ConstraintFactory:

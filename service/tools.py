@@ -58,6 +58,7 @@ from typing import Any
 
 from service.errors import APIError
 from service.structured import (
+    JSON_DEFAULTS,
     MAX_SCHEMA_CHARS,
     ConstraintFactory,
     check_grammar,
@@ -299,10 +300,8 @@ def calls_grammar(names: list[str], schemas: list[dict[str, Any]], *, allow_text
          "required": ["name", key], "additionalProperties": False}
         for n, s in zip(names, schemas, strict=True)
     ]
-    options: dict[str, Any] = {"whitespace_flexible": False, "coerce_one_of": True}
-    if fmt is not HERMES:  # a template shows calls as json.dumps writes them: ", " and ": "
-        options.update(item_separator=", ", key_separator=": ")
-    call_schema = {"anyOf": one_of, "x-guidance": options}
+    # json.dumps' separators, as templates and our own history show calls (see structured.JSON_DEFAULTS)
+    call_schema = {"anyOf": one_of, "x-guidance": JSON_DEFAULTS}
     more = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
     start = 'start: calls | TEXT | ""' if allow_text else "start: calls"
     pad = ' "\\n"' if fmt.newline else ""

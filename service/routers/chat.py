@@ -47,14 +47,19 @@ from service.schemas import (
     ToolCallDelta,
     TopLogprob,
 )
-from service.structured import ConstraintFactory, check_grammar, response_format_grammar
+from service.structured import (
+    ConstraintFactory,
+    ReplyRepetitionPenalty,
+    check_grammar,
+    response_format_grammar,
+)
 from service.tools import HERMES, CallFormat, CallStream, ToolPlan
 from service.tools import history as tool_history
 from service.worker import KEEPALIVE
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-CONSTRAINED_REPETITION_PENALTY = 1.1  # HF semantics; see constrained_defaults
+CONSTRAINED_REPETITION_PENALTY = 1.1  # HF semantics over the reply's own tokens; see constrained_penalty
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ROLE_MAP = {"developer": "system", "tool": "user"}  # roles chat templates know
 
@@ -196,27 +201,30 @@ async def open_all(outcomes: list[Any]) -> list[Any]:
 def output_plan(body: ChatCompletionRequest, tok: Any, sampling: Sampling, native_ok: bool = True) -> ToolPlan | None:
     """Put the request's grammar on `sampling` (tool calls, else response_format); the tool plan."""
     plan = ToolPlan.build(body.tools, body.tool_choice, body.parallel_tool_calls, tok, native_ok=native_ok)
+    penalty = constrained_penalty(body)
     if plan is not None and plan.factory is not None:
-        sampling.processors = lambda: plan.processors(tok)
+        sampling.processors = lambda: plan.processors(tok) + penalty
         sampling.tool_parser = plan.parse  # on the worker: memory mode stores the calls with the reply
-        constrained_defaults(body, sampling)
         return plan
     grammar = response_format_grammar(body.response_format)
     if grammar is not None:
         param = "response_format" if body.response_format.type == "json_object" else "response_format.json_schema.schema"
         check_grammar(grammar, tok, param=param)
         factory = ConstraintFactory(tok, grammar)
-        sampling.processors = lambda: [factory()]
-        constrained_defaults(body, sampling)
+        sampling.processors = lambda: [factory()] + penalty
     return plan
 
 
-def constrained_defaults(body: ChatCompletionRequest, sampling: Sampling) -> None:
+def constrained_penalty(body: ChatCompletionRequest) -> list[ReplyRepetitionPenalty]:
     """Under a grammar a small model, greedy, loops inside a JSON string until max_tokens ("the cat
     was a cat, and the cat was a cat, ..."); a mild repetition penalty lets it close the string.
+    Over the reply's own tokens only: the engine's `repetition_penalty` counts the prompt too, and
+    arguments copy the prompt (SmolLM2-135M asked for magic_function(3) wrote 256; a Japanese
+    name came out as other katakana). A presence penalty of 0.5-1.5 did not end the loops.
     Only when the client set no penalty of its own."""
-    if not (body.presence_penalty or body.frequency_penalty):
-        sampling.extra.setdefault("repetition_penalty", CONSTRAINED_REPETITION_PENALTY)
+    if body.presence_penalty or body.frequency_penalty or body.repetition_penalty:
+        return []
+    return [ReplyRepetitionPenalty(CONSTRAINED_REPETITION_PENALTY)]
 
 
 def with_tools(conv: Conversations, prep: Prepared, plan: ToolPlan | None, limit: int | None) -> Prepared:

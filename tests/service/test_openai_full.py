@@ -51,6 +51,8 @@ def test_json_schema_always_valid(oai, seed):
     assert value["color"] in ("red", "green", "blue") and isinstance(value["ok"], bool)
     assert set(value) == {"color", "ok"}
     assert r.choices[0].finish_reason == "stop"
+    # written as json.dumps writes JSON (", " and ": "), not compact: see structured.JSON_DEFAULTS
+    assert r.choices[0].message.content == json.dumps(value, ensure_ascii=False)
 
 
 def test_json_object_is_an_object(oai):
@@ -61,6 +63,42 @@ def test_json_object_is_an_object(oai):
             assert isinstance(json.loads(r.choices[0].message.content), dict)
         else:  # cut by max_tokens: still a valid prefix of an object
             assert r.choices[0].message.content.startswith("{")
+
+
+def test_grammar_requests_penalise_the_reply_repeating_itself_not_the_prompt(oai, app, monkeypatch):
+    from service.structured import ReplyRepetitionPenalty
+
+    seen = []
+    real = app.rt.backend.stream
+
+    def stream(prompt, params, **kw):
+        seen.append((params.extra, kw["processors"]))
+        return real(prompt, params, **kw)
+
+    monkeypatch.setattr(app.rt.backend, "stream", stream)
+    schema = {"type": "json_schema", "json_schema": {"name": "c", "schema": COLOR}}
+    oai.chat.completions.create(model="m", messages=HI, max_tokens=8, response_format=schema)
+    oai.chat.completions.create(model="m", messages=HI, max_tokens=8, tools=[WEATHER], tool_choice="required")
+    oai.chat.completions.create(model="m", messages=HI, max_tokens=8, response_format=schema, presence_penalty=0.3)
+    (extra1, procs1), (extra2, procs2), (extra3, procs3) = seen
+    for extra, procs in ((extra1, procs1), (extra2, procs2)):
+        assert "repetition_penalty" not in extra  # the engine's counts the prompt, which arguments copy
+        assert any(isinstance(p, ReplyRepetitionPenalty) for p in procs)
+    assert extra3["presence_penalty"] == 0.3 and not any(isinstance(p, ReplyRepetitionPenalty) for p in procs3)
+
+
+def test_reply_repetition_penalty_counts_only_the_reply():
+    import torch
+
+    from model.sampling import apply_repetition_penalty
+    from service.structured import ReplyRepetitionPenalty
+
+    logits = torch.tensor([2.0, -2.0, 4.0, 1.0])
+    penalty = ReplyRepetitionPenalty(2.0)
+    assert torch.equal(penalty([], logits), logits)  # the first token: nothing of the reply yet
+    out = penalty([0, 1, 1], logits)
+    assert torch.equal(out, apply_repetition_penalty(logits, [0, 1], 2.0))
+    assert out.tolist() == [1.0, -4.0, 4.0, 1.0]
 
 
 def test_invalid_schema_is_400_naming_it(app):
@@ -323,7 +361,7 @@ def test_memory_mode_stores_tool_calls_and_results(oai, app):
                                 extra_headers=headers)
     stored = app.client.get("/v1/sessions/tools-1/messages").json()["data"]
     assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
-    assert stored[1]["content"].startswith("<tool_call>{\"name\":\"get_weather\"")
+    assert stored[1]["content"].startswith("<tool_call>{\"name\": \"get_weather\"")
     assert stored[1]["metadata"]["tool_calls"][0]["function"]["name"] == "get_weather"
     assert stored[2]["content"] == "<tool_response>\nsunny\n</tool_response>"
     context = app.client.get("/v1/sessions/tools-1/context").json()["messages"]
