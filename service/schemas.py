@@ -23,6 +23,18 @@ Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None
 # ---------------------------------------------------------------- OpenAI: chat completions
 
 
+class StopSequences(BaseModel):
+    """OpenAI's `stop`, shared by the request schemas: a string or up to MAX_STOP of them, each at
+    most MAX_STOP_CHARS (the `Stop` type checks both, so a 422 names `stop`)."""
+
+    stop: Stop = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]  # "" is no stop
+
+
 class SamplerExtras(BaseModel):
     """Sampler fields beyond OpenAI's (extra, ours; named as llama.cpp's server names them). Unset
     fields keep the model's preset (`GET /v1/models`) or the persona file's `sampling`."""
@@ -110,12 +122,12 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(SamplerExtras):
+class ChatCompletionRequest(SamplerExtras, StopSequences):
     model_config = ConfigDict(extra="ignore")
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     model: str | None = None
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # OpenAI semantics, over the reply
     logit_bias: dict[str, float] | None = None  # token id -> bias in [-100, 100]
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -123,10 +135,9 @@ class ChatCompletionRequest(SamplerExtras):
     metadata: dict[str, str] | None = None
     n: int | None = Field(None, ge=1, le=8)  # stateless only: memory mode stores one reply
     parallel_tool_calls: bool | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
+    presence_penalty: float | None = Field(None, ge=-2, le=2)  # OpenAI semantics, over the reply
     response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
-    stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -137,18 +148,6 @@ class ChatCompletionRequest(SamplerExtras):
     user: str | None = None
     session_id: str | None = Field(None, min_length=1, max_length=200)  # extra (ours): memory mode
     persona: str | None = Field(None, min_length=1)  # extra (ours)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return value
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]  # "" is no stop
 
     def reply_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -305,7 +304,7 @@ class MessageOut(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class MessageCreate(SamplerExtras):
+class MessageCreate(SamplerExtras, StopSequences):
     model_config = ConfigDict(extra="forbid")
     content: str = Field(min_length=1)
     stream: bool = False
@@ -313,16 +312,10 @@ class MessageCreate(SamplerExtras):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
-    stop: Stop = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)  # OpenAI semantics, over the reply
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id -> bias in [-100, 100]
     message_id: str | None = Field(None, min_length=1, max_length=128)  # idempotency: same as Idempotency-Key
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]  # "" is no stop
 
 
 class Usage(BaseModel):
@@ -362,7 +355,7 @@ class ContextOut(BaseModel):
 # ---------------------------------------------------------------- OpenAI: completions, embeddings
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(StopSequences):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -375,25 +368,12 @@ class CompletionRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=8)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None  # accepted only when empty: no fill-in-the-middle
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return value
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]  # "" is no stop
 
 
 class CompletionLogprobs(BaseModel):

@@ -307,6 +307,19 @@ def test_completions_bad_input(app):
     assert error_of(app, "/v1/completions", {"prompt": "x", "suffix": "y"})[1]["param"] == "suffix"
     status, err = error_of(app, "/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}})
     assert status == 422 and err["param"] == "logit_bias"
+    for stop in (["a"] * 5, "a" * 257):  # the one `stop` field every request schema shares
+        status, err = error_of(app, "/v1/completions", {"prompt": "x", "stop": stop})
+        assert status == 422 and err["param"].startswith("stop")
+
+
+def test_stop_sequences_shared_by_the_request_schemas():
+    from service.schemas import ChatCompletionRequest, CompletionRequest, MessageCreate
+
+    for schema, base in ((ChatCompletionRequest, {"messages": HI}), (CompletionRequest, {"prompt": "x"}),
+                         (MessageCreate, {"content": "hi"})):
+        assert schema(**base, stop="\n").stop_list() == ["\n"]
+        assert schema(**base, stop=["", "END"]).stop_list() == ["END"]  # "" is no stop
+        assert schema(**base).stop_list() == []
 
 
 # ------------------------------------------------------------------ /v1/embeddings, /tokenize, /detokenize, models
