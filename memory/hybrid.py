@@ -13,7 +13,11 @@
 - Reciprocal rank fusion (Cormack et al. 2009, k=60): score = sum_r w_r / (60 + rank_r).
   Recency adds one more ranking (newest first) with a small weight, so of two equally good
   hits the newer wins, without letting recency outvote relevance.
-- De-duplication: exchanges whose user text normalises to the same string keep only the best ranked.
+- De-duplication: exchanges whose user text normalises to the same string, or nearly (character
+  trigram Jaccard >= 0.65: "I went for a run (5)" and "I went for a run (17)"; "My dog is called
+  Biscuit" / "... Rex" are 0.6 apart), keep only the best ranked. It runs on each ranking before the
+  fusion as well as after it: a line the user says every day would otherwise fill a ranking's top
+  places and push the one statement that answers the question out of the fused top-n.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import re
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 RRF_K = 60
@@ -31,6 +35,8 @@ RRF_K = 60
 DEFAULT_WEIGHTS = {"dense": 1.0, "bm25": 1.0, "recency": 0.1}
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+_LETTER = re.compile(r"[^\W\d_]")
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？…])\s+|\n+")
 _CONTENT_TAGS = ("NNG", "NNP", "NR", "VV", "VA", "XR", "SL", "SN", "SH")  # not pronouns (NP), bound nouns (NNB)
 _KO_STOP = frozenset("하 되 있 없 같 대하 위하 통하 보 주 오 가 말하 그렇 이렇 어떻 뭐 무엇 누구 어디 언제 거 것".split())
 _STOP = frozenset(
@@ -41,6 +47,7 @@ _STOP = frozenset(
     "please tell say said know think".split()
 )
 _CACHE_LIMIT = 50_000
+NEAR_DUPLICATE = 0.65  # trigram Jaccard: copies differing by a number >= 0.67 in the bench, different lines <= 0.32
 
 
 def _kiwi() -> Any:
@@ -55,6 +62,17 @@ def _kiwi() -> Any:
 
 _KIWI: Any = None
 _KIWI_LOCK = threading.Lock()
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of `text`; a short tail ("(turn 7)", "ㅋㅋ", "Ok.") stays with the sentence before it."""
+    parts: list[str] = []
+    for piece in (x.strip() for x in _SENTENCE_END.split(text)):
+        if piece and parts and (piece.startswith("(") or len(_LETTER.findall(piece)) < 4):
+            parts[-1] += " " + piece
+        elif piece:
+            parts.append(piece)
+    return parts
 
 
 def _stem(word: str) -> str:
@@ -154,6 +172,16 @@ def normalise(text: str) -> str:
     return " ".join(_WORD.findall(text.lower()))
 
 
+def trigrams(text: str) -> frozenset[str]:
+    """Character trigrams of the normalised text (whole text when shorter): script-agnostic, no Kiwi."""
+    norm = normalise(text)
+    return frozenset(norm[i : i + 3] for i in range(max(1, len(norm) - 2))) if norm else frozenset()
+
+
+def near_duplicate(a: frozenset[str], b: frozenset[str]) -> bool:
+    return bool(a) and len(a & b) >= NEAR_DUPLICATE * len(a | b)
+
+
 @dataclass
 class Candidate:
     """One retrievable exchange: its key (first message id), its text and when it was said."""
@@ -163,19 +191,31 @@ class Candidate:
     user_text: str
     order: Any  # sorts by time, larger = newer (e.g. (created_at, position))
     payload: Any = None  # what the caller wants back (the exchange)
+    _grams: frozenset[str] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def grams(self) -> frozenset[str]:
+        if self._grams is None:
+            self._grams = trigrams(self.user_text)
+        return self._grams
 
 
-def dedupe(keys: Sequence[str], candidates: dict[str, Candidate]) -> list[str]:
-    """Drop exchanges whose user text repeats a better-ranked one's (the user said it twice)."""
+def dedupe(keys: Sequence[str], candidates: dict[str, Candidate], limit: int | None = None,
+           near: bool = True) -> list[str]:
+    """Drop exchanges whose user text repeats (near: or nearly repeats) a better-ranked one's;
+    stops once `limit` are kept."""
+    kept: list[str] = []
     seen: set[str] = set()
-    out = []
     for key in keys:
-        norm = normalise(candidates[key].user_text)
-        if norm and norm in seen:
+        cand = candidates[key]
+        norm = normalise(cand.user_text)
+        if norm and (norm in seen or near and any(near_duplicate(cand.grams, candidates[k].grams) for k in kept)):
             continue
         seen.add(norm)
-        out.append(key)
-    return out
+        kept.append(key)
+        if limit is not None and len(kept) >= limit:
+            break
+    return kept
 
 
 def hybrid_rank(
@@ -185,20 +225,28 @@ def hybrid_rank(
     n: int,
     weights: dict[str, float] | None = None,
     cache: TermCache = TERM_CACHE,
+    near_duplicates: bool = True,
 ) -> list[str]:
-    """The top-n candidate keys for `query`: RRF of dense, BM25 and recency, de-duplicated."""
+    """The top-n candidate keys for `query`: RRF of dense, BM25 and recency, de-duplicated.
+
+    near_duplicates=False (memory.bench's ablation): only exact repeats are dropped, after the fusion.
+    """
     if not candidates or n <= 0:
         return []
     weights = weights or DEFAULT_WEIGHTS
     by_key = {c.key: c for c in candidates}
-    depth = max(4 * n, 20)  # how far down each list the fusion looks
+    depth = max(4 * n, 20)  # how far down each (de-duplicated) list the fusion looks
+
+    def top(keys: Sequence[str]) -> list[str]:
+        return dedupe(keys, by_key, depth) if near_duplicates else list(keys[:depth])
+
     rankings: dict[str, Sequence[str]] = {}
     if weights.get("dense", 0) > 0:
-        rankings["dense"] = [k for k in dense_keys if k in by_key][:depth]
+        rankings["dense"] = top([k for k in dense_keys if k in by_key])
     if weights.get("bm25", 0) > 0:
         bm25 = BM25([cache.get(c.key, c.text) for c in candidates])
-        rankings["bm25"] = [candidates[i].key for i in bm25.rank(terms(query), depth)]
+        rankings["bm25"] = top([candidates[i].key for i in bm25.rank(terms(query), len(candidates))])
     relevant = {k for ids in rankings.values() for k in ids}
     if weights.get("recency", 0) > 0:  # only among hits: recency orders, it never retrieves by itself
         rankings["recency"] = sorted(relevant, key=lambda k: by_key[k].order, reverse=True)
-    return dedupe(fuse(rankings, weights), by_key)[:n]
+    return dedupe(fuse(rankings, weights), by_key, n, near=near_duplicates)

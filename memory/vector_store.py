@@ -9,6 +9,14 @@ the assistant reply) is one record:
     document  "<user text>\n<assistant text>"     (the embedded text)
     metadata  session_id, owner, first_id, message_ids, turn, messages (JSON of the exchange)
 
+A second collection per (owner, model), `views` (long_term's), holds the same exchange records plus
+views of what the user said: the message alone (the reply, often longer, dilutes it) and each of
+its sentences when it has several (a first topic no longer hides a second), ids "<id>#1", "<id>#2",
+.., the same metadata plus `part`. A query there ranks exchanges by their closest record and returns
+each once. The `vector` strategy keeps to `exchanges` (a user's past questions, alone, match a new
+question by their form and crowded its top k out in memory.bench); each strategy writes only its
+own collection (one upsert a turn) under its own watermark, and catches up when switched to.
+
     vm = open_vector_memory(data_dir, chroma_url=None, embeddings_name="use-multilingual-v3")
     vm.index_exchange(owner, session_id, exchange, turn)
     hits = vm.query(owner, "what was my dog called?", k=4, session_id=None)   # scope user
@@ -35,10 +43,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from memory.embeddings import Embedder, get_embedder
+from memory.hybrid import sentences
 from memory.strategies.base import group_exchanges, is_complete_exchange
 from memory.types import Message
 
 _INDEX_BATCH = 64  # exchanges embedded and upserted per call
+_MAX_SENTENCES = 8  # sentence views per message: a pasted essay is still one exchange, not 100 records
+_FETCH_PER_HIT = 2  # records fetched per exchange wanted in VIEWS: an exchange matches by several
+EXCHANGES, VIEWS = "exchanges", "views"  # the two collections of an owner
 
 
 class VectorUnavailable(Exception):
@@ -64,6 +76,14 @@ def exchange_text(exchange: Sequence[Message]) -> str:
     return "\n".join(m.content for m in exchange)
 
 
+def extra_views(exchange: Sequence[Message]) -> list[str]:
+    """The views collection's texts for one exchange: the user's message alone, then its sentences."""
+    said = "\n".join(m.content for m in exchange if m.role == "user").strip()
+    views = [said] if said and said != exchange_text(exchange) else []
+    parts = sentences(said)
+    return views + (parts[:_MAX_SENTENCES] if len(parts) > 1 else [])
+
+
 class VectorMemory:
     def __init__(self, client: Any | Callable[[], Any], embedder: Embedder, retry_after_s: float = 5.0) -> None:
         """`client`: a chromadb client, or a zero-argument callable that connects (retried on failure).
@@ -77,7 +97,8 @@ class VectorMemory:
         self._client = None if callable(client) and not hasattr(client, "get_or_create_collection") else client
         self._connect = client if self._client is None else None
         self.embedder = embedder
-        self._collections: dict[str, Any] = {}
+        self.views = True  # write the extra views (memory.bench turns them off to measure them)
+        self._collections: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ public API
@@ -85,17 +106,21 @@ class VectorMemory:
     def index_exchange(self, owner: str, session_id: str, exchange: list[Message], turn: int) -> None:
         self.index_exchanges(owner, session_id, [(turn, exchange)])
 
-    def index_exchanges(self, owner: str, session_id: str, items: Sequence[tuple[int, list[Message]]]) -> None:
+    def index_exchanges(self, owner: str, session_id: str, items: Sequence[tuple[int, list[Message]]],
+                        kind: str = EXCHANGES) -> None:
+        """Upsert the exchanges' records into the `kind` collection (VIEWS: with their extra views)."""
         for start in range(0, len(items), _INDEX_BATCH):
-            batch = items[start : start + _INDEX_BATCH]
-            docs = [exchange_text(ex) for _, ex in batch]
-            record: dict[str, Any] = {
-                "ids": [f"{session_id}:{ex[0].id}" for _, ex in batch],
-                "embeddings": self.embedder.embed(docs),
-                "documents": docs,
-                "metadatas": [_metadata(owner, session_id, turn, ex) for turn, ex in batch],
-            }
-            self._call(partial(_upsert, record=record), owner)
+            ids, docs, metas = [], [], []
+            for turn, ex in items[start : start + _INDEX_BATCH]:
+                meta = _metadata(owner, session_id, turn, ex)
+                extra = extra_views(ex) if kind == VIEWS and self.views else []
+                for part, doc in enumerate([exchange_text(ex), *extra]):
+                    ids.append(f"{session_id}:{ex[0].id}" + (f"#{part}" if part else ""))
+                    docs.append(doc)
+                    metas.append({**meta, "part": part} if kind == VIEWS else meta)
+            record: dict[str, Any] = {"ids": ids, "embeddings": self.embedder.embed(docs), "documents": docs,
+                                      "metadatas": metas}
+            self._call(partial(_upsert, record=record), owner, kind)
 
     def query(
         self,
@@ -104,32 +129,39 @@ class VectorMemory:
         k: int,
         session_id: str | None = None,
         exclude_first_ids: Sequence[str] = (),
+        kind: str = EXCHANGES,
     ) -> list[Hit]:
-        """Top-k exchanges of `owner` closest to `text`; only `session_id`'s when given."""
+        """Top-k exchanges of `owner` closest to `text` (VIEWS: by their closest record, each once);
+        only `session_id`'s when given."""
         if k <= 0:
             return []
         where = _where(session_id, exclude_first_ids)
         [vector] = self.embedder.embed([text])
         res = self._call(
             lambda col: col.query(
-                query_embeddings=[vector], n_results=k, where=where, include=["metadatas", "distances"]
+                query_embeddings=[vector], n_results=k * (_FETCH_PER_HIT if kind == VIEWS else 1), where=where,
+                include=["metadatas", "distances"],
             ),
             owner,
+            kind,
         )
-        hits = []
+        hits: dict[tuple[str, str], Hit] = {}  # closest first: an exchange's first record is its best
         for meta, dist in zip(res["metadatas"][0], res["distances"][0], strict=True):
-            exchange = [Message(**m) for m in json.loads(meta["messages"])]
-            hits.append(Hit(exchange, str(meta["session_id"]), int(meta["turn"]), float(dist)))
-        return hits
+            key = (str(meta["session_id"]), str(meta["first_id"]))
+            if key not in hits and len(hits) < k:
+                exchange = [Message(**m) for m in json.loads(meta["messages"])]
+                hits[key] = Hit(exchange, key[0], int(meta["turn"]), float(dist))
+        return list(hits.values())
 
     def delete_session(self, owner: str, session_id: str) -> None:
-        self._call(lambda col: col.delete(where={"session_id": session_id}), owner)
+        for kind in (EXCHANGES, VIEWS):
+            self._call(lambda col: col.delete(where={"session_id": session_id}), owner, kind)
 
-    def reindex(self, owner: str, session_id: str, messages: list[Message]) -> int:
-        """Drop this session's vectors and index every complete exchange of the transcript again."""
-        self.delete_session(owner, session_id)
+    def reindex(self, owner: str, session_id: str, messages: list[Message], kind: str = EXCHANGES) -> int:
+        """Drop this session's vectors in `kind` and index every complete exchange of the transcript again."""
+        self._call(lambda col: col.delete(where={"session_id": session_id}), owner, kind)
         items = indexable_exchanges(messages)
-        self.index_exchanges(owner, session_id, items)
+        self.index_exchanges(owner, session_id, items, kind)
         return len(items)
 
     def count(self, owner: str) -> int:
@@ -140,12 +172,12 @@ class VectorMemory:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _call(self, fn: Callable[[Any], Any], owner: str | None) -> Any:
-        """Run `fn` on the owner's collection (or the client when owner is None), mapping failures."""
+    def _call(self, fn: Callable[[Any], Any], owner: str | None, kind: str = EXCHANGES) -> Any:
+        """Run `fn` on the owner's collection of `kind` (or the client when owner is None), mapping failures."""
         if time.monotonic() < self._down_until:
             raise VectorUnavailable(f"{self._last_error} (retrying in {self._down_until - time.monotonic():.0f} s)")
         try:
-            target = self._client_or_connect() if owner is None else self._collection(owner)
+            target = self._client_or_connect() if owner is None else self._collection(owner, kind)
             return fn(target)
         except ModelMismatch:
             raise
@@ -163,12 +195,12 @@ class VectorMemory:
                 self._client = self._connect()
             return self._client
 
-    def _collection(self, owner: str) -> Any:
+    def _collection(self, owner: str, kind: str = EXCHANGES) -> Any:
         client = self._client_or_connect()
         with self._lock:
-            col = self._collections.get(owner)
+            col = self._collections.get((owner, kind))
             if col is None:
-                name = collection_name(owner, self.embedder.name)
+                name = collection_name(owner, self.embedder.name if kind == EXCHANGES else f"{self.embedder.name}#{kind}")
                 col = client.get_or_create_collection(
                     name,
                     metadata={
@@ -184,7 +216,7 @@ class VectorMemory:
                         f"Chroma collection {name} holds vectors of {meta.get('memento_model')!r} "
                         f"(dim {meta.get('memento_dim')}), not {self.embedder.name!r}: run `memento memory reindex`"
                     )
-                self._collections[owner] = col
+                self._collections[(owner, kind)] = col
             return col
 
 

@@ -75,6 +75,8 @@ def reindex_sessions(
         for s in sessions:
             messages = store.list_messages(s.id)
             build_strategy({"strategy": "vector"}, deps).rebuild(s, messages)
+            if s.memory.get("strategy") == "long_term":  # its dense list: the views collection too
+                build_strategy(s.memory, deps).dense.rebuild(s, messages)
             count += sum(1 for g in group_exchanges(messages) if is_complete_exchange(g))
         return count
     finally:

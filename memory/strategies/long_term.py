@@ -3,8 +3,10 @@
 What the model sees, in the memory block: the core memory blocks (`user`, `relationship`, pinned),
 the facts the user stated (current ones first, relevant to the new message first; superseded ones
 labelled as past), then the `k` most relevant earlier exchanges by hybrid retrieval (dense hits from
-vector memory + BM25 over Kiwi morphemes / words, fused by reciprocal rank, newer first among
-equals, de-duplicated). A retrieved exchange whose statement was superseded is labelled as past.
+vector memory's `views` collection, where the user's message and each of its sentences are
+embedded as well as the exchange, + BM25 over Kiwi morphemes / words, fused by reciprocal rank,
+newer first among equals, near-copies collapsed). A retrieved exchange whose statement was
+superseded is labelled as past.
 
 `after_turn` (off the reply's path): index the new exchange for dense retrieval, extract facts
 (superseding old ones), and update the core blocks from the new facts and from the model's
@@ -33,6 +35,8 @@ from memory.strategies.vector import VectorStrategy
 from memory.types import Message, Session
 
 PAST_LABEL = "[past: the user said this before it changed] "
+# exchanges asked of vector memory (paraphrase track: the answer at dense ranks up to ~70 of 200)
+DENSE_DEPTH, DENSE_DEPTH_PER_K, DENSE_DEPTH_MAX = 64, 8, 256
 
 
 class LongTermStrategy:
@@ -45,10 +49,14 @@ class LongTermStrategy:
         self.deps = deps
         self.k, self.turns, self.scope, self.max_facts = k, turns, scope, max_facts
         self.weights = dict(weights or DEFAULT_WEIGHTS)  # memory.bench turns parts off to measure them
+        self.near_duplicates = True  # and this one (near-copies collapsed in each ranking)
+        self.fact_proposer = True  # and the facts' block edits (to see what the model's editor does alone)
         self.facts = FactBook(deps.store)
         self.core = CoreMemory(deps.store, deps.counter)
-        # dense candidates: a deeper list than k, fused with BM25 below
-        self.dense = VectorStrategy(deps, k=max(4 * k, 20), turns=turns, scope=scope)
+        # dense candidates: a much deeper list than k, fused with BM25 below; deep because a line the
+        # user says often has many near-copies above the one statement that answers (collapsed there)
+        depth = min(max(DENSE_DEPTH_PER_K * k, DENSE_DEPTH), DENSE_DEPTH_MAX)
+        self.dense = VectorStrategy(deps, depth, turns, scope, views=True)
 
     def view(self, session: Session, messages: list[Message], new_message: str) -> MemoryView:
         history = history_before(messages, new_message)
@@ -64,7 +72,8 @@ class LongTermStrategy:
         if dense_view is not None:
             view.warnings += dense_view.warnings
         pool = self._candidates(session, history[: len(history) - len(recent)], dense)
-        keys = hybrid_rank(new_message, list(pool.values()), [ex[0].id for ex in dense], self.k, self.weights)
+        keys = hybrid_rank(new_message, list(pool.values()), [ex[0].id for ex in dense], self.k, self.weights,
+                           near_duplicates=self.near_duplicates)
         past_ids = {f.message_id for f in facts if not f.current}
         view.retrieved = [_label_past(pool[key].payload, past_ids) for key in keys]
         return view
@@ -76,7 +85,7 @@ class LongTermStrategy:
         all_facts = self.facts.session_facts(session.id)
         added = [f for f in all_facts if f.id not in before and f.origin == "extracted"]
         last_id = messages[-1].id if messages else None
-        if added:
+        if added and self.fact_proposer:
             edits = fact_edits(self.core.texts(session.id), added, all_facts)
             self.core.apply(session.id, edits, message_id=added[-1].message_id, source="facts")
         self._model_edits(session, messages, last_id)

@@ -29,11 +29,13 @@ from memory.types import Message, Session
 class VectorStrategy:
     name = "vector"
 
-    def __init__(self, deps: StrategyDeps, k: int, turns: int, scope: str) -> None:
+    def __init__(self, deps: StrategyDeps, k: int, turns: int, scope: str, views: bool = False) -> None:
         self.deps = deps
         self.k = k
         self.turns = turns
         self.scope = scope
+        self.views = views  # long_term's dense list: the views collection (memory/vector_store.py)
+        self.kind = vs.VIEWS if views else vs.EXCHANGES
 
     def view(self, session: Session, messages: list[Message], new_message: str) -> MemoryView:
         history = history_before(messages, new_message)
@@ -51,6 +53,7 @@ class VectorStrategy:
                 self.k,
                 session_id=session.id if self.scope == "session" else None,
                 exclude_first_ids=[g[0].id for g in group_exchanges(recent)],
+                kind=self.kind,
             )
         except vs.VectorUnavailable as e:
             view.warnings.append(
@@ -83,7 +86,7 @@ class VectorStrategy:
         if self.deps.vector is None:
             raise ValueError("vector memory is not configured: nothing to re-index")
         messages = self.deps.store.list_messages(session.id) if messages is None else messages
-        self.deps.vector.reindex(session.owner, session.id, messages)
+        self.deps.vector.reindex(session.owner, session.id, messages, self.kind)
         self._save_watermark(session, messages, _complete_prefix(messages, len(messages)))
 
     # ------------------------------------------------------------------ watermark
@@ -91,7 +94,8 @@ class VectorStrategy:
     @property
     def _state_key(self) -> str:
         assert self.deps.vector is not None
-        return f"vector:{self.deps.vector.embedder.name}"
+        name = f"vector:{self.deps.vector.embedder.name}"
+        return f"{name}:views" if self.views else name
 
     def _index_upto(self, session: Session, messages: list[Message], upto: int) -> None:
         """Index the complete exchanges in `messages[watermark:upto]` and move the watermark."""
@@ -102,7 +106,7 @@ class VectorStrategy:
             return
         first_turn = len(group_exchanges(messages[:done]))
         items = vs.indexable_exchanges(messages[done:upto], first_turn=first_turn)
-        self.deps.vector.index_exchanges(session.owner, session.id, items)
+        self.deps.vector.index_exchanges(session.owner, session.id, items, self.kind)
         self._save_watermark(session, messages, upto)
 
     def _save_watermark(self, session: Session, messages: list[Message], upto: int) -> None:

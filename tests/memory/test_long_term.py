@@ -58,6 +58,27 @@ def test_bm25_prefers_rare_matching_terms_and_fusion_adds_ranks():
     assert fuse({"a": ["x", "y"], "b": ["y", "z"]}, {"a": 1, "b": 1}) == ["y", "x", "z"]
 
 
+def test_near_copies_of_one_line_collapse_so_the_answer_gets_a_place():
+    """A line said every turn ("... (17)") must not fill the top-n ahead of the one statement that answers."""
+    cands = [Candidate(f"r{i}", "", f"I went for a run this morning around the park. ({i})", i) for i in range(30)]
+    cands += [Candidate("dog", "", "My dog is called Biscuit.", 40), Candidate("rex", "", "My dog is called Rex.", 41)]
+    dense = [f"r{i}" for i in range(30)] + ["dog", "rex"]  # every copy ranked above the answer
+    assert set(hybrid_rank("my pet", cands, dense, 3)) == {"r0", "dog", "rex"}  # two dogs: different facts
+    assert hybrid_rank("my pet", cands, dense, 3, near_duplicates=False) == ["r0", "r1", "r2"]
+    by_key = {c.key: c for c in cands}
+    assert dedupe(["r3", "r17", "dog"], by_key) == ["r3", "dog"] and dedupe(["r3", "r17"], by_key, near=False) == ["r3", "r17"]
+
+
+def test_paraphrase_track_questions_share_no_content_term_with_their_lines():
+    from memory.bench_tracks import PARAPHRASE_EN, PARAPHRASE_KO
+
+    for lines in (PARAPHRASE_EN, PARAPHRASE_KO):
+        assert len(lines) >= 10
+        for line, question, key in lines:
+            assert not set(terms(line)) & set(terms(question)), (line, question)
+            assert key in line and key not in question
+
+
 def test_recency_breaks_ties_and_duplicates_are_dropped():
     cands = [Candidate(f"k{i}", "I live in Busan", "I live in Busan", i) for i in range(3)]
     cands.append(Candidate("k9", "unrelated words", "unrelated words", 9))

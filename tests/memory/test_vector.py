@@ -11,13 +11,16 @@ from memory.embeddings import get_embedder
 from memory.sqlite_store import SQLiteStore
 from memory.strategies import StrategyDeps, build_strategy
 from memory.vector_store import (
+    VIEWS,
     ModelMismatch,
     VectorMemory,
     chroma_settings,
     collection_name,
+    extra_views,
+    indexable_exchanges,
     open_vector_memory,
 )
-from tests.memory.strategy_helpers import WordCounter, fill, make_session
+from tests.memory.strategy_helpers import WordCounter, fill, make_session, msg
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +168,33 @@ def test_reindex_rebuilds_without_duplicates(store, use_vm):
     strat.rebuild(session)
     assert use_vm.count("gina") == 7
     assert store.get_state(session.id, "vector:use-multilingual-v3")["count"] == 14
+
+
+def test_each_sentence_of_a_message_is_found_and_an_exchange_comes_back_once(store, use_vm):
+    """The user's message and each of its sentences are embedded as well as the exchange (the views
+    collection, long_term's), so a first topic does not hide a statement; a query there returns each
+    exchange once, by its best record; the vector strategy's collection and count hold exchanges only."""
+    said = "The weather has been awful and the trains are all late. Also, my sister Alice moved to Lisbon."
+    views = extra_views([msg(0, "user", said), msg(1, "assistant", "Oh no!")])
+    assert views == [said, said.split(". ")[0] + ".", "Also, my sister Alice moved to Lisbon."]
+    assert extra_views([msg(0, "user", "I went for a run. (turn 5)"), msg(1, "assistant", "Nice.")]) == [
+        "I went for a run. (turn 5)"]  # a counter is not a sentence
+    session = make_session(store, owner="jo")
+    strat = vector_strategy(store, use_vm, k=3, turns=1)
+    messages = converse(store, session, strat, 12, plant={2: said})
+    use_vm.index_exchanges("jo", session.id, indexable_exchanges(messages), VIEWS)
+    assert use_vm.count("jo") == 12
+    question = "Where does my sister Alice live?"
+    hits = use_vm.query("jo", question, k=5, session_id=session.id, kind=VIEWS)
+    firsts = [h.exchange[0].id for h in hits]
+    assert len(firsts) == len(set(firsts)) == 5
+    assert "Lisbon" in hits[0].exchange[0].content
+    [q, whole, sentence] = use_vm.embedder.embed([question, f"{said}\nOh no!", views[-1]])
+    cos = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
+    assert cos(q, sentence) > cos(q, whole) + 0.1  # the sentence alone is much closer than the whole message
+    assert hits[0].distance == pytest.approx(1 - cos(q, sentence), abs=1e-3)  # and it is what ranked the exchange
+    plain = use_vm.query("jo", question, k=5, session_id=session.id)
+    assert all(h.distance > hits[0].distance + 0.05 for h in plain)  # exchanges only: no view matched
 
 
 def test_collections_are_per_owner_and_model_and_never_mix_models(chroma, use_vm):
