@@ -193,7 +193,8 @@ def print_table(results: dict[str, Any]) -> None:
     )
 
 
-def run_tracks(tracks: set[str], store_url: str | None = None, embeddings: str = "use-multilingual-v3") -> None:
+def run_tracks(tracks: set[str], store_url: str | None = None, embeddings: str = "use-multilingual-v3",
+               summary_styles: tuple[str, ...] = ("facts",)) -> None:
     """The long-term memory tracks (memory/bench_tracks.py) on one store."""
     from memory import bench_tracks
     from memory.vector_store import open_vector_memory
@@ -210,11 +211,12 @@ def run_tracks(tracks: set[str], store_url: str | None = None, embeddings: str =
         blocks = bench_tracks.core_blocks_track(store, deps) if "blocks" in tracks else None
         if rows or blocks:
             bench_tracks.print_tracks(rows, blocks)
-        if "model-blocks" in tracks:  # the model's own block edits: ~10 s a turn on a CPU
-            print(bench_tracks.model_blocks_track(store, deps.counter))
+        if "model-blocks" in tracks:  # the core-blocks track with the model's editor: ~1 s a turn on a CPU
+            for row in bench_tracks.model_blocks_runs(store, deps):
+                bench_tracks.print_blocks(row)
         if "summaries" in tracks:  # real model summaries: minutes on a CPU, so not in the default set
             print()
-            bench_tracks.print_summaries(bench_tracks.summary_track(store, deps.counter))
+            bench_tracks.print_summaries(bench_tracks.summary_track(store, deps.counter, styles=summary_styles))
     finally:
         store.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -229,8 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracks", default="table,current,paraphrase,blocks",
                         help="comma-separated: table (strategies x stores), current, paraphrase, blocks, "
                         "summaries (summary_buffer with real model-written summaries; minutes on a CPU), "
-                        "model-blocks (the model's grammar-constrained block edits)")
+                        "model-blocks (the core-blocks track with the model's grammar-constrained block editor, with and "
+                        "without the facts proposer)")
     parser.add_argument("--strategies", default="", help="table only: comma-separated strategy names")
+    parser.add_argument("--summary-styles", default="facts",
+                        help="summaries only: comma-separated ModelSummarizer styles (facts, prose)")
     args = parser.parse_args(argv)
     tracks = {t.strip() for t in args.tracks.split(",") if t.strip()}
     if "table" in tracks:
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         print_table(run_memory_bench(strategies=configs))
         print()
     if tracks - {"table"}:
-        run_tracks(tracks)
+        run_tracks(tracks, summary_styles=tuple(x.strip() for x in args.summary_styles.split(",") if x.strip()))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
   3 of them (a third) changed in the second half. For each question: does the assembled context hold
   the current answer, and is the stale one shown without the current one ("stale only")?
   Target: current-answer recall >= 0.9 with `long_term`, 0 stale-only.
-- paraphrase: 5 lines per language asked about with questions that share no content word with them;
+- paraphrase: 10 lines per language asked about with questions that share no content term with them
+  (`memory.hybrid.terms`: Kiwi morphemes / stemmed words; a test checks it);
   recall@context (target >= 0.9), with each retrieval part switched off in turn (dense, BM25,
   recency) and facts off, so the table shows what each part contributes.
 - core blocks: a 100-turn scripted chat (name, family and a city that changes); the `user` block must
@@ -60,6 +61,11 @@ PARAPHRASE_EN = [
     ("We're flying to Reykjavik in March for our anniversary.", "Where is the trip for our wedding celebration?",
      "Reykjavik"),
     ("My brother just became a firefighter.", "What does my sibling do for a living now?", "firefighter"),
+    ("My daughter Mina started violin lessons last week.", "What instrument is my child learning?", "violin"),
+    ("I had my appendix removed when I was twelve.", "What operation did I have as a kid?", "appendix"),
+    ("Our landlord is raising the rent by ten percent.", "Is the apartment going to cost more?", "landlord"),
+    ("I can't stand horror movies, they give me nightmares.", "Which films should you never suggest to me?", "horror"),
+    ("My husband snores so loudly that I sleep on the sofa.", "Why do I spend nights on the couch?", "snores"),
 ]
 PARAPHRASE_KO = [
     ("수의사가 콩이 다리 수술해야 한대.", "동물병원 선생님이 우리 강아지 발에 대해 뭐라고 했지?", "수술"),
@@ -67,6 +73,11 @@ PARAPHRASE_KO = [
     ("할머니가 나한테 김치 담그는 법 가르쳐 주셨어.", "누가 나한테 반찬 만드는 걸 알려줬지?", "할머니"),
     ("삼월에 결혼기념일 여행으로 제주도 가.", "봄에 우리 부부가 떠나는 곳이 어디였지?", "제주"),
     ("형이 소방관이 됐어.", "우리 형제 직업이 뭐로 바뀌었지?", "소방관"),
+    ("딸 미나가 지난주부터 바이올린을 배우기 시작했어.", "우리 아이가 요즘 무슨 악기 연습하지?", "바이올린"),
+    ("열두 살 때 맹장 수술을 받았어.", "어릴 적에 병원에서 뭘 떼어냈지?", "맹장"),
+    ("집주인이 월세를 십 퍼센트 올린대.", "내가 내는 방값이 비싸지는 거야?", "월세"),
+    ("공포 영화는 악몽을 꾸게 해서 절대 못 봐.", "나한테 추천하면 안 되는 작품 장르가 뭐야?", "공포"),
+    ("남편이 코를 너무 심하게 골아서 나는 소파에서 자.", "내가 밤마다 거실 의자에서 눕는 이유가 뭐지?", "소파"),
 ]
 FILLER = {
     "en": [
@@ -91,23 +102,38 @@ BLOCK_SCRIPT = {  # turn -> what the user says in the 100-turn core-blocks chat
 }
 BLOCK_KEYS = ("Ada", "Sora", "Jun", "Mina", "Daejeon")
 
-LONG_TERM = {"strategy": "long_term", "k": 4, "turns": 4, "scope": "session"}
-VARIANTS: list[tuple[str, dict[str, Any], dict[str, float] | None]] = [  # (row name, config, fusion weights)
-    ("vector (dense only, baseline)", {"strategy": "vector", "k": 4, "turns": 4, "scope": "session"}, None),
-    ("long_term", LONG_TERM, None),
-    ("long_term, facts off", {**LONG_TERM, "max_facts": 0}, None),
-    ("long_term, facts off, no dense", {**LONG_TERM, "max_facts": 0}, {"dense": 0, "bm25": 1, "recency": 0.1}),
-    ("long_term, facts off, no BM25", {**LONG_TERM, "max_facts": 0}, {"dense": 1, "bm25": 0, "recency": 0.1}),
-    ("long_term, facts off, no recency", {**LONG_TERM, "max_facts": 0}, {"dense": 1, "bm25": 1, "recency": 0}),
-    ("long_term, k=8", {**LONG_TERM, "k": 8}, None),
-    ("long_term, k=16", {**LONG_TERM, "k": 16}, None),
+LONG_TERM = {"strategy": "long_term", "k": 4, "turns": 4, "scope": "session"}  # the default config
+FACTS_OFF = {**LONG_TERM, "max_facts": 0}
+# (row name, config, fusion weights, other parts switched: near_duplicates, views, dense_depth)
+VARIANTS: list[tuple[str, dict[str, Any], dict[str, float] | None, dict[str, Any]]] = [
+    ("vector (dense only, baseline)", {"strategy": "vector", "k": 4, "turns": 4, "scope": "session"}, None, {}),
+    ("long_term", LONG_TERM, None, {}),
+    ("long_term, facts off", FACTS_OFF, None, {}),
+    ("long_term, facts off, no dense", FACTS_OFF, {"dense": 0, "bm25": 1, "recency": 0.1}, {}),
+    ("long_term, facts off, no BM25", FACTS_OFF, {"dense": 1, "bm25": 0, "recency": 0.1}, {}),
+    ("long_term, facts off, no recency", FACTS_OFF, {"dense": 1, "bm25": 1, "recency": 0}, {}),
+    ("long_term, facts off, no near-duplicate collapse", FACTS_OFF, None, {"near_duplicates": False}),
+    ("long_term, facts off, no message/sentence views", FACTS_OFF, None, {"views": False}),
+    ("long_term, facts off, dense depth 20 (64 now)", FACTS_OFF, None, {"dense_depth": 20}),
+    ("long_term, k=6", {**LONG_TERM, "k": 6}, None, {}),
+    ("long_term, k=8", {**LONG_TERM, "k": 8}, None, {}),
+    ("long_term, k=16", {**LONG_TERM, "k": 16}, None, {}),
 ]
 
 
-def _strategy(config: dict[str, Any], weights: dict[str, float] | None, deps: StrategyDeps) -> Any:
+def _strategy(config: dict[str, Any], weights: dict[str, float] | None, deps: StrategyDeps,
+              parts: dict[str, Any] | None = None) -> Any:
+    """The strategy with the named parts switched (views: on the shared vector memory, so set every time)."""
+    parts = parts or {}
+    if deps.vector is not None:
+        deps.vector.views = parts.get("views", True)
     strategy: Any = build_strategy(config, deps)
     if weights is not None:
         strategy.weights = dict(weights)
+    if "near_duplicates" in parts:
+        strategy.near_duplicates = parts["near_duplicates"]
+    if "dense_depth" in parts:
+        strategy.dense.k = parts["dense_depth"]
     return strategy
 
 
@@ -144,8 +170,8 @@ def current_script(facts: list[tuple[Any, ...]], turns: int) -> dict[int, str]:
 def current_fact_track(store: Any, deps: StrategyDeps, turns: int = TURNS) -> list[dict[str, Any]]:
     rows = []
     for lang, facts in (("en", CURRENT_EN), ("ko", CURRENT_KO)):
-        for name, config, weights in VARIANTS[:3]:
-            strategy = _strategy(config, weights, deps)
+        for name, config, weights, parts in VARIANTS[:3]:
+            strategy = _strategy(config, weights, deps, parts)
             session, _ = _play(store, strategy, config, current_script(facts, turns), lang, turns)
             hits = stale_only = tokens = 0
             for _, _, question, key, stale in facts:
@@ -164,8 +190,8 @@ def paraphrase_track(store: Any, deps: StrategyDeps, turns: int = 200) -> list[d
     rows = []
     for lang, lines in (("en", PARAPHRASE_EN), ("ko", PARAPHRASE_KO)):
         script = {5 + i * (turns - 20) // len(lines): line for i, (line, _, _) in enumerate(lines)}
-        for name, config, weights in VARIANTS:
-            strategy = _strategy(config, weights, deps)
+        for name, config, weights, parts in VARIANTS:
+            strategy = _strategy(config, weights, deps, parts)
             session, _ = _play(store, strategy, config, script, lang, turns)
             seen = [_context(strategy, store, session, q, deps.counter) for _, q, _ in lines]
             hits = sum(key in text for (text, _), (_, _, key) in zip(seen, lines, strict=True))
@@ -176,29 +202,53 @@ def paraphrase_track(store: Any, deps: StrategyDeps, turns: int = 200) -> list[d
     return rows
 
 
-def core_blocks_track(store: Any, deps: StrategyDeps, turns: int = 100) -> dict[str, Any]:
+def core_blocks_track(store: Any, deps: StrategyDeps, turns: int = 100, fact_proposer: bool = True) -> dict[str, Any]:
+    """The 100-turn scripted chat; `deps.block_editor` (the model's) proposes too when set, and
+    fact_proposer=False leaves the blocks to it alone. Every proposal, applied or rejected, is counted."""
     strategy = build_strategy(LONG_TERM, deps)
+    strategy.fact_proposer = fact_proposer
+    t0 = time.perf_counter()
     session, spent = _play(store, strategy, LONG_TERM, BLOCK_SCRIPT, "en", turns)
     core = CoreMemory(store, deps.counter)
     user = core.get(session.id, "user")
-    assert user is not None
+    value = user.value if user is not None else ""
     history = core.history(session.id)
-    stats = core.stats(session.id)["by_source"]
     result = {
         "turns": turns,
-        "user_block": user.value,
-        "tokens": deps.counter.count(user.value),
-        "limit_tokens": user.limit_tokens,
+        "proposers": " + ".join(n for n, on in (("facts", fact_proposer), ("model", deps.block_editor)) if on),
+        "user_block": value,
+        "tokens": deps.counter.count(value),
+        "limit_tokens": user.limit_tokens if user is not None else 0,
         "within_limit": all(deps.counter.count(b.value) <= b.limit_tokens for b in core.blocks(session.id).values()),
         "applied_edits": len(history),
         "applied_edits_valid": all(h["message_id"] for h in history),
-        "stats": stats,
-        "keys_present": {k: k in user.value for k in BLOCK_KEYS},
-        "stale_city_gone": "Busan" not in user.value,
+        "stats": core.stats(session.id)["by_source"],
+        "rejections": core.stats(session.id)["recent_rejections"][-4:],
+        "blocks": core.texts(session.id),
+        "keys_present": {k: k in value for k in BLOCK_KEYS},
+        "stale_city_gone": "Busan" not in value,
         "after_turn_p95_ms": sorted(spent)[int(0.95 * (len(spent) - 1))],
+        "seconds": time.perf_counter() - t0,
     }
     store.delete_session(session.id)
     return result
+
+
+def model_blocks_runs(store: Any, deps: StrategyDeps, model: str = "smollm2-135m-instruct") -> list[dict[str, Any]]:
+    """The core-blocks track with the model's grammar-constrained editor (memory/blocks.py), with the
+    facts proposer and without it (~1 s a turn on a CPU for SmolLM2)."""
+    from dataclasses import replace
+
+    from memory.blocks import ModelBlockEditor
+    from model import Engine, load_model
+
+    lm = load_model(model, device="cpu", dtype="float32", progress=False)
+    rows = []
+    for fact_proposer in (True, False):
+        editor = ModelBlockEditor(Engine(lm), lm.tokenizer)
+        row = core_blocks_track(store, replace(deps, block_editor=editor), fact_proposer=fact_proposer)
+        rows.append({**row, "model": model, "calls": editor.calls, "cut_by_max_tokens": editor.unparsed})
+    return rows
 
 
 def print_tracks(rows: list[dict[str, Any]], blocks: dict[str, Any] | None) -> None:
@@ -211,51 +261,75 @@ def print_tracks(rows: list[dict[str, Any]], blocks: dict[str, Any] | None) -> N
     print(f"\ntargets: current-fact recall >= {TARGETS['current_recall']} with long_term and 0 stale-only; "
           f"paraphrase recall >= {TARGETS['paraphrase_recall']}")
     if blocks:
-        keys = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in blocks["keys_present"].items())
-        print(f"\ncore blocks ({blocks['turns']} turns): user block {blocks['tokens']}/{blocks['limit_tokens']} tokens, "
-              f"within limit: {blocks['within_limit']}; {blocks['applied_edits']} edits applied, all validated: "
-              f"{blocks['applied_edits_valid']} (by source: {blocks['stats']}); in the block: {keys}; "
-              f"old city gone: {blocks['stale_city_gone']}; after_turn p95 {blocks['after_turn_p95_ms']:.1f} ms")
-        print("user block at the end:\n  " + blocks["user_block"].replace("\n", "\n  "))
+        print_blocks(blocks)
+
+
+def print_blocks(blocks: dict[str, Any]) -> None:
+    keys = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in blocks["keys_present"].items())
+    print(f"\ncore blocks ({blocks['turns']} turns, proposers: {blocks['proposers']}): "
+          f"user block {blocks['tokens']}/{blocks['limit_tokens']} tokens, "
+          f"within limit: {blocks['within_limit']}; {blocks['applied_edits']} edits applied, all validated: "
+          f"{blocks['applied_edits_valid']} (by source: {blocks['stats']}); in the block: {keys}; "
+          f"old city gone: {blocks['stale_city_gone']}; after_turn p95 {blocks['after_turn_p95_ms']:.1f} ms")
+    print("user block at the end:\n  " + blocks["user_block"].replace("\n", "\n  "))
+    if "calls" in blocks:
+        print(f"model editor: {blocks['calls']} calls, {blocks['cut_by_max_tokens']} cut by max_tokens, "
+              f"{blocks['seconds']:.0f} s; blocks: {blocks['blocks']}; last rejections: {blocks['rejections']}")
+
+
+SUMMARY_MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 
 
 def summary_track(store: Any, counter: Any, turns: tuple[int, ...] = (50, 200), fold_every: int = 25,
-                  model: str = "smollm2-135m-instruct") -> list[dict[str, Any]]:
-    """summary_buffer recall with the extractive stand-in and with real summaries written by the model.
+                  models: tuple[str, ...] = SUMMARY_MODELS, styles: tuple[str, ...] = ("facts",)) -> list[dict[str, Any]]:
+    """summary_buffer recall with the extractive stand-in and with real summaries written by each model
+    in each style (memory/summarizer.py: "facts" = the model keeps user sentences by a constrained
+    yes/no, "prose" = the model rewrites a running summary).
 
     The model folds every `fold_every` turns (after_turn's cadence when a background queue batches
-    turns; per-turn folding costs turns x a generation on a CPU). Facts and probes: the main table's.
-    A Korean run of the first length reports whether the model kept the summary in Korean.
+    turns; per-turn folding costs turns x a generation on a CPU). English: the main table's five
+    facts and probes; Korean: the current-fact script (9 facts, 3 changed), the current answer counts.
     """
-    from memory.bench import FACTS, _fact_turns
-    from memory.summarizer import ExtractiveSummarizer, ModelSummarizer, conversation_language
+    from memory.summarizer import ExtractiveSummarizer, ModelSummarizer
     from model import Engine, load_model
 
-    lm = load_model(model, device="cpu", dtype="float32", progress=False)
-    summarizers: dict[str, Any] = {"extractive": ExtractiveSummarizer(),
-                                   f"model ({model})": ModelSummarizer(Engine(lm), lm.tokenizer)}
+    rows = _summary_runs(store, counter, "extractive", ExtractiveSummarizer(), turns, fold_every)
+    for model in models:
+        lm = load_model(model, device="cpu", dtype="float32", progress=False)
+        for style in styles:
+            summarizer = ModelSummarizer(Engine(lm), lm.tokenizer, style=style)
+            rows += _summary_runs(store, counter, f"model {style} ({model})", summarizer, turns, fold_every)
+        del lm
+    return rows
+
+
+def _summary_script(lang: str, turns: int) -> tuple[dict[int, str], list[tuple[str, str]]]:
+    """(turn -> planted line, [(question, key)]) for one summaries run."""
+    from memory.bench import FACTS, _fact_turns
+
+    if lang == "en":
+        return {t: f[0] for t, f in zip(_fact_turns(turns), FACTS, strict=True)}, [(q, k) for _, q, k in FACTS]
+    return current_script(CURRENT_KO, turns), [(f[2], f[3]) for f in CURRENT_KO]
+
+
+def _summary_runs(store: Any, counter: Any, name: str, summarizer: Any, turns: tuple[int, ...],
+                  fold_every: int) -> list[dict[str, Any]]:
+    from memory.summarizer import conversation_language
+
+    deps = StrategyDeps(store, counter, summarizer, None)
     config = {"strategy": "summary_buffer", "max_tokens": 512}
     rows = []
-    for name, summarizer in summarizers.items():
-        deps = StrategyDeps(store, counter, summarizer, None)
+    for lang in ("en", "ko"):
         for n in turns:
+            script, probes = _summary_script(lang, n)
             strategy = build_strategy(config, deps)
-            script = {t: fact[0] for t, fact in zip(_fact_turns(n), FACTS, strict=True)}
-            session, spent = _play_every(store, strategy, config, script, "en", n, fold_every)
-            hits = sum(key in _context(strategy, store, session, probe, counter)[0] for _, probe, key in FACTS)
+            session, spent = _play_every(store, strategy, config, script, lang, n, fold_every)
+            hits = sum(key in _context(strategy, store, session, q, counter)[0] for q, key in probes)
             summary = (store.get_state(session.id, "summary_buffer") or {}).get("text", "")
-            rows.append({"summarizer": name, "lang": "en", "turns": n, "recall": hits / len(FACTS),
+            rows.append({"summarizer": name, "lang": lang, "turns": n, "recall": hits / len(probes),
                          "summary_tokens": counter.count(summary), "fold_s": sum(spent) / 1000,
-                         "summary_lang": conversation_language([summary]) if summary else "-"})
+                         "summary_lang": conversation_language([summary]) if summary else "-", "summary": summary})
             store.delete_session(session.id)
-        strategy = build_strategy(config, deps)
-        session, spent = _play_every(store, strategy, config, current_script(CURRENT_KO, turns[0]), "ko", turns[0],
-                                     fold_every)
-        summary = (store.get_state(session.id, "summary_buffer") or {}).get("text", "")
-        rows.append({"summarizer": name, "lang": "ko", "turns": turns[0], "recall": float("nan"),
-                     "summary_tokens": counter.count(summary), "fold_s": sum(spent) / 1000,
-                     "summary_lang": conversation_language([summary]) if summary else "-", "summary": summary[:300]})
-        store.delete_session(session.id)
     return rows
 
 
@@ -278,37 +352,10 @@ def print_summaries(rows: list[dict[str, Any]]) -> None:
     lines = ["summarizer | lang | turns | recall | summary tokens | summary language | folding s",
              "---|---|---|---|---|---|---"]
     for r in rows:
-        recall = "-" if r["recall"] != r["recall"] else f"{r['recall']:.2f}"
-        lines.append(f"{r['summarizer']} | {r['lang']} | {r['turns']} | {recall} | {r['summary_tokens']} | "
+        lines.append(f"{r['summarizer']} | {r['lang']} | {r['turns']} | {r['recall']:.2f} | {r['summary_tokens']} | "
                      f"{r['summary_lang']} | {r['fold_s']:.1f}")
     print("\n".join(lines))
     for r in rows:
-        if r.get("summary"):
-            print(f"\n{r['summarizer']}, Korean chat, summary begins: {r['summary']!r}")
-
-
-def model_blocks_track(store: Any, counter: Any, turns: int = 12, model: str = "smollm2-135m-instruct") -> dict[str, Any]:
-    """The model's own block proposals (grammar-constrained JSON) over the first `turns` scripted turns,
-    the facts proposer off: how many parse (all, by construction), validate, and what they say."""
-    from memory.blocks import ModelBlockEditor
-    from memory.strategies.base import group_exchanges
-    from model import Engine, load_model
-
-    lm = load_model(model, device="cpu", dtype="float32", progress=False)
-    editor = ModelBlockEditor(Engine(lm), lm.tokenizer)
-    script = {i: text for i, (_, text) in enumerate(sorted(BLOCK_SCRIPT.items()))}  # every turn says a fact
-    session = store.create_session(f"track-{uuid.uuid4().hex[:8]}", "assistant", LONG_TERM)
-    core, t0 = CoreMemory(store, counter), time.perf_counter()
-    for t in range(turns):
-        store.append_message(session.id, "user", script.get(t, f"{FILLER['en'][t % 12]} ({t})"))
-        store.append_message(session.id, "assistant", f"{REPLY['en']} ({t})")
-        exchange = group_exchanges(store.list_messages(session.id))[-1]
-        proposed = editor(core.texts(session.id), exchange)
-        core.apply(session.id, proposed, message_id=exchange[0].id, source="model", evidence=exchange[0].content)
-    stats = core.stats(session.id)["by_source"].get("model", {})
-    result = {"turns": turns, "model": model, "stats": stats, "calls": editor.calls, "cut_by_max_tokens": editor.unparsed, "blocks": core.texts(session.id),
-              "seconds": time.perf_counter() - t0,
-              "within_limit": all(counter.count(b.value) <= b.limit_tokens for b in core.blocks(session.id).values()),
-              "rejections": core.stats(session.id)["recent_rejections"][-3:]}
-    store.delete_session(session.id)
-    return result
+        if r["summarizer"] != "extractive":
+            print(f"\n{r['summarizer']}, {r['lang']}, {r['turns']} turns, summary:\n  "
+                  + (r["summary"][:600] or "(empty)").replace("\n", "\n  "))

@@ -2,10 +2,18 @@
 
 A summarizer is `(previous summary, newly overflowed messages) -> updated summary`.
 
-- `ModelSummarizer(engine, tokenizer)`: the model (local or the remote engine) rewrites the running summary with a short
-  prompt through the chat template, decoded greedily (temperature 0; a mild repetition penalty
-  keeps small models from looping). New messages too long for one prompt are folded in chunks,
-  still within one summarizer call.
+- `ModelSummarizer(engine, tokenizer)`: the model (local or the remote engine) writes the summary,
+  greedily (temperature 0), in one of two styles:
+  - `facts` (the default): a list of the user's own sentences worth keeping. For each new user
+    sentence the model answers "yes" or "no" under a grammar (llguidance, `memory.grammar`) that
+    allows nothing else, and a "yes" keeps the sentence verbatim: a 135M model cannot invent,
+    ramble or switch language, it only ever judges. (Asked instead to copy the worthwhile lines
+    out of a list, SmolLM2-135M answered `[]` or picked the second line, whatever it said.)
+    Incremental: earlier facts are kept verbatim, new ones appended, the oldest dropped when the
+    summary passes `max_tokens`. One short generation per sentence (~0.3 s on a CPU for SmolLM2).
+  - `prose`: the model rewrites the running summary with a short prompt (a mild repetition penalty
+    keeps small models from looping); new messages too long for one prompt are folded in chunks,
+    still within one summarizer call. At 135M this loses most facts (memory.bench summaries track).
 - `ExtractiveSummarizer`: no model; keeps the users' own lines, newest last, within a character
   cap. Cheap and deterministic (used by `memory.bench` and as a fallback for empty model output).
 """
@@ -24,6 +32,18 @@ SYSTEM_PROMPT = (
 )
 
 
+FACTS_PROMPT = (
+    "You decide whether a line a user said is worth remembering about them: a lasting fact such as their name, "
+    "family, pets, home, work, health, likes and dislikes, or plans. Small talk, questions, requests and passing "
+    "remarks are not."
+)
+FACTS_EXAMPLES = [  # alternating, ending on "yes": a 135M model copies the last answer's label otherwise
+    ("Can you help me write an email?", "no"), ("My brother is a nurse.", "yes"), ("It rained all day.", "no"),
+    ("우리 딸 이름은 하나야.", "yes"), ("What should I cook tonight?", "no"), ("I'm vegetarian.", "yes"),
+    ("오늘 좀 피곤하네.", "no"), ("나는 채식주의자야.", "yes"), ("Tell me a joke.", "no"), ("We got married in 2019.", "yes"),
+]
+_MAX_SENTENCE_CHARS = 300
+
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 _LETTER = re.compile(r"[^\W\d_]")
 # a language the model is told to keep, by script; anything else: "the language of the conversation"
@@ -35,6 +55,14 @@ def conversation_language(texts: list[str]) -> str:
     joined = " ".join(texts)
     letters = len(_LETTER.findall(joined))
     return "ko" if letters and len(_HANGUL.findall(joined)) * 3 >= letters else "en"
+
+
+def user_sentences(messages: list[Message]) -> list[str]:
+    """The users' sentences (`memory.hybrid.sentences`), in order, each once, each cut to 300 characters."""
+    from memory.hybrid import sentences
+
+    out = [x[:_MAX_SENTENCE_CHARS] for m in messages if m.role == "user" for x in sentences(m.content)]
+    return list(dict.fromkeys(out))
 
 
 def _lines(messages: list[Message]) -> list[str]:
@@ -66,19 +94,58 @@ class ModelSummarizer:
         max_tokens: int = 256,
         context_window: int | None = None,
         repetition_penalty: float = 1.1,
+        style: str = "facts",
     ) -> None:
+        if style not in ("facts", "prose"):
+            raise ValueError(f"summary style {style!r}: use 'facts' or 'prose'")
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.context_window = context_window or int(engine.context_window)
         self.repetition_penalty = repetition_penalty
+        self.style = style
+        self.decisions = 0  # yes/no generations made (style "facts")
         self._fallback = ExtractiveSummarizer()
 
     def __call__(self, previous: str, messages: list[Message]) -> str:
+        if self.style == "facts":
+            return self._keep_facts(previous, messages)
         summary = previous
         for chunk in self._chunks(previous, _lines(messages)):
             summary = self._fold(summary, chunk)
         return summary
+
+    # ------------------------------------------------------------------ style "facts"
+
+    def facts_prompt(self, sentence: str) -> list[dict[str, str]]:
+        """Few-shot: small models follow examples better than instructions (the examples are fixed here,
+        none from the benchmarks)."""
+        messages = [{"role": "system", "content": FACTS_PROMPT}]
+        for line, answer in FACTS_EXAMPLES:
+            messages += [{"role": "user", "content": f"Line: {line}\nWorth remembering?"},
+                         {"role": "assistant", "content": f'"{answer}"'}]
+        return messages + [{"role": "user", "content": f"Line: {sentence}\nWorth remembering?"}]
+
+    def _keep_facts(self, previous: str, messages: list[Message]) -> str:
+        """Previous facts + the new user sentences the model keeps, within max_tokens (oldest out first)."""
+        kept = [line[2:] for line in previous.splitlines() if line.startswith("- ")] if previous else []
+        kept += [x for x in user_sentences(messages) if x not in kept and self.worth_keeping(x)]
+        while len(kept) > 1 and self.tokenizer.count("\n".join(f"- {x}" for x in kept)) > self.max_tokens:
+            kept.pop(0)
+        return "\n".join(f"- {x}" for x in kept)
+
+    def worth_keeping(self, sentence: str) -> bool:
+        """The model's yes/no for one sentence, under a grammar that allows only "yes" or "no"."""
+        from memory.generate import chat_complete
+        from memory.grammar import JsonConstraint
+
+        constraint = JsonConstraint(self.tokenizer, {"enum": ["yes", "no"]})
+        text = chat_complete(self.engine, self.tokenizer, self.facts_prompt(sentence), max_tokens=4,
+                             processors=[constraint])
+        self.decisions += 1
+        return text.strip() == '"yes"'
+
+    # ------------------------------------------------------------------ style "prose"
 
     def prompt(self, previous: str, lines: list[str]) -> list[dict[str, str]]:
         # small models drift into English unless told the language, so it is named in both messages

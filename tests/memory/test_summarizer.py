@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memory.summarizer import ExtractiveSummarizer, ModelSummarizer
+from memory.summarizer import ExtractiveSummarizer, ModelSummarizer, user_sentences
 from tests.memory.strategy_helpers import msg, smollm2_counter, transcript
 
 
@@ -74,3 +74,49 @@ def test_the_prompt_names_the_conversation_language():
     assert conversation_language(["User: 콩이 산책 갔어 (walk)"]) == "ko"
     assert conversation_language(["User: I said 안녕 to my neighbour today"]) == "en"
 
+
+
+def test_user_sentences_split_keep_short_tails_and_skip_the_assistant():
+    messages = [msg(0, "user", "My dog is Kong. He is three! (turn 4)"), msg(1, "assistant", "Cute. Very cute."),
+                msg(2, "user", "우리 강아지 이름은 콩이야. 세 살이야.\nMy dog is Kong.")]
+    assert user_sentences(messages) == ["My dog is Kong.", "He is three! (turn 4)", "우리 강아지 이름은 콩이야.", "세 살이야."]
+
+
+class _JudgeEngine:
+    """Answers the facts style's yes/no from a fixed set (the grammar is the real one, passed along)."""
+
+    context_window = 2048
+
+    def __init__(self, keep: set[str]) -> None:
+        self.keep, self.asked = keep, []
+
+    def complete_messages(self, messages, *, processors=(), **_):
+        from memory.grammar import JsonConstraint
+
+        assert [type(p) for p in processors] == [JsonConstraint]
+        line = messages[-1]["content"].split("\n")[0].removeprefix("Line: ")
+        self.asked.append(line)
+        return '"yes"' if line in self.keep else '"no"'
+
+
+def test_facts_style_keeps_verbatim_sentences_incrementally_within_max_tokens():
+    tok = smollm2_counter()
+    engine = _JudgeEngine({"My dog is Kong.", "I live in Seoul.", "I work at a bakery."})
+    limit = tok.count("- I live in Seoul.\n- I work at a bakery.")
+    summ = ModelSummarizer(engine, tok, max_tokens=limit)
+    first = summ("", [msg(0, "user", "My dog is Kong. It rained."), msg(1, "assistant", "I live in Seoul.")])
+    assert first == "- My dog is Kong." and engine.asked == ["My dog is Kong.", "It rained."]  # never the reply
+    second = summ(first, [msg(2, "user", "I live in Seoul."), msg(3, "user", "My dog is Kong.")])
+    assert second == "- My dog is Kong.\n- I live in Seoul." and engine.asked[-1] == "I live in Seoul."  # no re-ask
+    third = summ(second, [msg(4, "user", "I work at a bakery.")])
+    assert third == "- I live in Seoul.\n- I work at a bakery."  # over the limit: the oldest left first
+
+
+@pytest.mark.slow
+def test_facts_style_with_real_smollm2_only_copies_what_the_user_said(smollm2):
+    lm, engine = smollm2
+    summ = ModelSummarizer(engine, lm.tokenizer)
+    said = ["내 아내 이름은 소라야.", "오늘 저녁에 뭐 먹지?", "My car is a green Skoda.", "Tell me about the ocean."]
+    out = summ("", [msg(i, "user", text) for i, text in enumerate(said)])
+    assert summ.decisions == 4 and out == summ("", [msg(i, "user", text) for i, text in enumerate(said)])
+    assert all(line.startswith("- ") and line[2:] in said for line in out.splitlines())
