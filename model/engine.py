@@ -68,18 +68,27 @@ class Completion:
 
 class Engine:
     def __init__(self, lm, kv_budget_bytes: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 max_batch: int = MAX_BATCH, block_size: int = BLOCK_SIZE):
+                 max_batch: int = MAX_BATCH, block_size: int = BLOCK_SIZE, compile: bool = False,
+                 compile_dir: str | None = None, progress: bool = False):
         """`kv_budget_bytes`: the KV pool's size; None -> 1 GiB on CPU, half of the free GPU
         memory on CUDA. `max_batch`: sequences decoding together; `prefill_chunk`: prompt tokens
-        fed per step (bounds how long a new prompt delays the others)."""
+        fed per step (bounds how long a new prompt delays the others). `compile`: decode steps
+        run as one compiled graph (model/decode_step.py), compiled here, before the first request,
+        with inductor's artefacts kept in `compile_dir`; `progress` reports it on stderr."""
         self.lm = lm
         self.model = lm.model
         self.device = torch.device(lm.device)
         self.context_window = int(lm.context_window)
         self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else self._default_budget()
         self.pool = BlockPool.for_model(self.model, self.kv_budget_bytes, block_size, self.device)
+        decode, self.compile_report = None, None
+        if compile:
+            from model.decode_step import CompiledDecode
+
+            decode = CompiledDecode(self.model, self.pool, compile_dir, progress)
+            self.compile_report = decode.warm_up()
         self.scheduler = Scheduler(self.model, self.pool, lm.tokenizer.eos_ids, self.context_window,
-                                   max_batch=max_batch, prefill_chunk=prefill_chunk)
+                                   max_batch=max_batch, prefill_chunk=prefill_chunk, decode=decode)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False

@@ -59,10 +59,13 @@ class BlockPool:
         self.block_size, self.num_blocks = block_size, num_blocks
         slots = num_blocks * block_size
         # empty, not zeros: pages are touched only as blocks are used, so RSS follows the use
-        self.k = [torch.empty(slots, n_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.empty(slots, n_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        for t in self.k + self.v:
-            t[:block_size].zero_()  # the null block
+        # one tensor per kind, (layers, slots, n_kv, head_dim), so the compiled decode step writes every
+        # layer's new keys in one indexed copy (model/decode_step.py); k[i] / v[i] are its layer views
+        self.k_all = torch.empty(n_layers, slots, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v_all = torch.empty_like(self.k_all)
+        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
+        for t in (self.k_all, self.v_all):
+            t[:, :block_size].zero_()  # the null block
         self.block_bytes = 2 * n_layers * block_size * n_kv_heads * head_dim * self.k[0].element_size()
         self.ref = [0] * num_blocks
         self.free: deque[int] = deque(range(1, num_blocks))  # unused and not indexed

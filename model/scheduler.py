@@ -47,8 +47,11 @@ class SessionRecord:
 
 class Scheduler:
     def __init__(self, model, pool: BlockPool, eos_ids, context_window: int, max_batch: int = MAX_BATCH,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, decode=None) -> None:
+        """`decode`: a `model.decode_step.CompiledDecode` for steps where every row decodes one
+        token; None runs every step eagerly."""
         self.model, self.pool, self.eos = model, pool, set(eos_ids)
+        self.decode = decode
         self.context_window, self.max_batch, self.prefill_chunk = context_window, max_batch, prefill_chunk
         self.device = pool.k[0].device
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # owner -> FIFO, round-robin
@@ -197,6 +200,13 @@ class Scheduler:
 
     @torch.inference_mode()
     def _forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
+        if self.decode is not None and self.decode.failed is None and all(n == 1 for _, n in rows):
+            try:
+                return self.decode([s.tokens[s.computed] for s, _ in rows], [s.table for s, _ in rows],
+                                   [s.computed for s, _ in rows])
+            except Exception as exc:  # a compiler problem must not take the service down: go eager
+                log.warning("the compiled decode step failed (%s); decoding eagerly from now on", exc)
+                self.decode.failed = exc
         ids = [t for seq, n in rows for t in seq.tokens[seq.computed : seq.computed + n]]
         batch = PagedBatch(self.pool, [Row(s.table, s.computed, n, s.computed + n == len(s.tokens))
                                        for s, n in rows], self.model.args)

@@ -133,12 +133,21 @@ def open_vector_memory(settings: Settings) -> Any:
 
 
 def load_engine(settings: Settings, progress: bool = True) -> tuple[Any, Any]:
-    from model import Engine, load_model
+    from model import load_model
 
     lm = load_model(
         settings.model, device=settings.device, dtype=settings.dtype, data_dir=str(settings.data_dir), progress=progress
     )
-    return lm, Engine(lm, kv_budget_bytes=settings.kv_budget, max_batch=settings.max_running)
+    compile = settings.compile == "on" or (settings.compile == "auto" and lm.device.type == "cpu")
+    return lm, new_engine(lm, settings, compile, progress)
+
+
+def new_engine(lm: Any, settings: Settings, compile: bool, progress: bool = False) -> Any:
+    """The batching engine over `lm`; compiled decode artefacts go to <data_dir>/compile."""
+    from model import Engine
+
+    return Engine(lm, kv_budget_bytes=settings.kv_budget, max_batch=settings.max_running, compile=compile,
+                  compile_dir=str(settings.data_dir / "compile"), progress=progress)
 
 
 def open_runtime(settings: Settings, *, lm: Any = None, engine: Any = None, store: Any = None) -> Runtime:
@@ -154,10 +163,8 @@ def open_runtime(settings: Settings, *, lm: Any = None, engine: Any = None, stor
         backend = RemoteBackend.open(settings)  # no weights: the engine holds the model
     elif lm is None:
         lm, engine = load_engine(settings)
-    elif engine is None:
-        from model import Engine
-
-        engine = Engine(lm, kv_budget_bytes=settings.kv_budget, max_batch=settings.max_running)
+    elif engine is None:  # an injected model (tests): compiled only when asked for explicitly
+        engine = new_engine(lm, settings, compile=settings.compile == "on")
     if store is None:
         store = open_store(settings.store_url)
     personas = PersonaRegistry(extra_dir=settings.persona_dir, local_dir=settings.data_dir / "personas", store=store)

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(32_000, ge=1, description="longer user messages get 413")
     max_body_bytes: int = Field(2**20, ge=1024, description="request bodies over this get 413 before they are read")
     kv_budget: int | None = Field(None, ge=0, description="bytes of KV cache kept across turns; None: engine default")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode steps as one compiled graph per layer (artefacts in <data_dir>/compile); "
+        "auto: on when the model runs on the CPU")
     request_timeout: float = Field(300.0, gt=0, description="seconds a request may wait for and use the model")
     reserve_for_reply: int = Field(512, ge=16, description="context tokens kept free for the reply")
     max_tokens: int = Field(512, ge=1, description="default reply length limit in tokens")

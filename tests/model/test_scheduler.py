@@ -43,10 +43,12 @@ def lm():
     return tiny_lm()
 
 
-def test_eight_rows_batched_equal_each_alone_with_joins_and_cancels(lm):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_eight_rows_batched_equal_each_alone_with_joins_and_cancels(lm, compiled, tmp_path):
+    """Compiled: the decode steps run model/decode_step.py's graph, checked against eager rows alone."""
     prompts = [ids(8 + 9 * i, 200 + i) for i in range(8)]
     want = [alone(lm, p, 12) for p in prompts]
-    eng = Engine(lm, prefill_chunk=32)
+    eng = Engine(lm, prefill_chunk=32, compile=compiled, compile_dir=str(tmp_path))
     sched = eng.scheduler
     spies = [Spy() for _ in prompts]
     seqs = [new_seq(lm, p, 12, spy=s) for p, s in zip(prompts, spies, strict=True)]
@@ -69,6 +71,8 @@ def test_eight_rows_batched_equal_each_alone_with_joins_and_cancels(lm):
         for j, (got, ref) in enumerate(zip(spies[i].seen, want[i][1], strict=True)):
             assert torch.allclose(got, ref, atol=ATOL), f"row {i} step {j}"
     assert sched.steps < sum(12 for _ in seqs)  # rows really shared forwards
+    if compiled:
+        assert sched.decode.failed is None and sched.decode.calls > 0
     assert eng.pool.blocks_used == len(eng.pool.cached)  # every block is released, some stay cached
 
 
@@ -111,19 +115,22 @@ def test_admission_is_round_robin_across_owners(lm):
     assert alice in sched.running  # admitted in the first pair, ahead of bob's other five
 
 
-def test_gemma3_sliding_window_batched_equals_full_forward(hf_dir_factory):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gemma3_sliding_window_batched_equals_full_forward(hf_dir_factory, compiled, tmp_path):
     """Gemma 3's sliding layers (window 8) gather only the window's slots; decode rows of
     different lengths in one batch still match an uncached forward of each row's tokens."""
     from types import SimpleNamespace
 
+    from model.decode_step import CompiledDecode
     from model.paged_cache import BlockPool
     from model.scheduler import Scheduler
 
     _hf, path = hf_dir_factory("gemma3")
     model = ours_from_hf_dir(path)
     ref_lm = SimpleNamespace(model=model)
-    sched = Scheduler(model, BlockPool.for_model(model, 1 << 22, block_size=4), eos_ids=set(), context_window=256,
-                      prefill_chunk=24)
+    pool = BlockPool.for_model(model, 1 << 22, block_size=4)
+    decode = CompiledDecode(model, pool, tmp_path) if compiled else None
+    sched = Scheduler(model, pool, eos_ids=set(), context_window=256, prefill_chunk=24, decode=decode)
     spies = [Spy() for _ in range(3)]
     prompts = [ids(n, 250 + n, vocab=128) for n in (5, 19, 37)]
     seqs = [Sequence(p, SamplingParams(temperature=0, max_tokens=6), processors=[s])
@@ -135,6 +142,8 @@ def test_gemma3_sliding_window_batched_equals_full_forward(hf_dir_factory):
     for p, s, spy in zip(prompts, seqs, spies, strict=True):
         for j, got in enumerate(spy.seen):
             assert torch.allclose(got, full_logits(ref_lm, p + s.generated[:j]), atol=ATOL), (len(p), j)
+    if compiled:
+        assert decode.failed is None and decode.calls > 0
 
 
 def test_samples_of_one_prompt_share_its_blocks(lm):

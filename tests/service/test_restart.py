@@ -18,7 +18,7 @@ from tests.service.conftest import free_port, write_personas
 pytestmark = pytest.mark.slow
 
 
-def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+def start_server(tmp_path: Path, port: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -27,6 +27,7 @@ def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
         "MEMENTO_MEMORY": '{"strategy": "window", "turns": 8}',
         "MEMENTO_DEVICE": "cpu",
         "MEMENTO_MAX_TOKENS": "12",
+        **(extra_env or {}),
     }
     env.pop("MEMENTO_STORE_URL", None)
     env.pop("MEMENTO_API_KEYS", None)
