@@ -114,7 +114,7 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, float] | None, dict[str, Any
     ("long_term, facts off, no recency", FACTS_OFF, {"dense": 1, "bm25": 1, "recency": 0}, {}),
     ("long_term, facts off, no near-duplicate collapse", FACTS_OFF, None, {"near_duplicates": False}),
     ("long_term, facts off, no message/sentence views", FACTS_OFF, None, {"views": False}),
-    ("long_term, facts off, dense depth 20 (64 now)", FACTS_OFF, None, {"dense_depth": 20}),
+    ("long_term, facts off, dense depth 20 (32 now)", FACTS_OFF, None, {"dense_depth": 20}),
     ("long_term, k=6", {**LONG_TERM, "k": 6}, None, {}),
     ("long_term, k=8", {**LONG_TERM, "k": 8}, None, {}),
     ("long_term, k=16", {**LONG_TERM, "k": 16}, None, {}),

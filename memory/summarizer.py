@@ -143,7 +143,8 @@ class ModelSummarizer:
         text = chat_complete(self.engine, self.tokenizer, self.facts_prompt(sentence), max_tokens=4,
                              processors=[constraint])
         self.decisions += 1
-        return text.strip() == '"yes"'
+        # a remote engine runs no grammar (service/conversation.WorkerEngine): read a free answer too
+        return text.strip().strip('"').lower().startswith("yes")
 
     # ------------------------------------------------------------------ style "prose"
 
