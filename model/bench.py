@@ -156,9 +156,12 @@ def throughput(lm, hf, eos, alt=None) -> dict:
     eng = Engine(lm)
     la = alt[1] if alt else None
     qeng = Engine(la) if la is not None else None  # the other weight mode, same engine settings
+    ceng = compiled_engine(lm)  # the serving default on CPU: decode steps compiled
     if alt:
         out["alt_label"] = alt[0]
     ours_stream_times(eng, short, 4, eos=eos)  # warm-up
+    if ceng is not None:
+        ours_stream_times(ceng, short, 4, eos=eos)
     if qeng is not None:
         ours_stream_times(qeng, short, 4, eos=eos)
     if hf is not None:
@@ -166,7 +169,7 @@ def throughput(lm, hf, eos, alt=None) -> dict:
     # interleaved rounds, so that both sides see the same machine load; medians at the end
     runs: dict[str, list[float]] = {}
     for _ in range(REPEATS):
-        for key, fn in timed_runs(lm, hf, eng, prompt, short, eos, qeng).items():
+        for key, fn in timed_runs(lm, hf, eng, prompt, short, eos, qeng, ceng).items():
             runs.setdefault(key, []).append(fn())
     for key, values in runs.items():
         out[key] = statistics.median(values)
@@ -178,6 +181,11 @@ def throughput(lm, hf, eos, alt=None) -> dict:
                                        logits_processors=[ban(eos)]).token_ids
         hf_ids = hf_generate(hf, short, 16, eos)
         out["same_greedy_tokens"] = ours_ids == hf_ids
+        if ceng is not None:
+            out["compiled_decode_ratio"] = out["ours_compiled_decode_tok_s"] / out["hf_decode_tok_s"]
+            c_ids = ceng.complete(short, SamplingParams(temperature=0, max_tokens=16),
+                                  logits_processors=[ban(eos)]).token_ids
+            out["compiled_same_greedy_tokens"] = c_ids == hf_ids
         if qeng is not None:
             out["alt_decode_ratio"] = out["ours_alt_decode_tok_s"] / out["hf_decode_tok_s"]
             q_ids = Engine(la).complete(short, SamplingParams(temperature=0, max_tokens=16),
@@ -186,13 +194,24 @@ def throughput(lm, hf, eos, alt=None) -> dict:
     return out
 
 
-def timed_runs(lm, hf, eng, prompt, short, eos, qeng=None) -> dict[str, Callable[[], float]]:
+def compiled_engine(lm) -> Engine | None:
+    """An engine whose decode steps run compiled (model/decode_step.py), as `memento serve` has on
+    the CPU; artefacts in $MEMENTO_DATA_DIR/compile like the server's. None off the CPU."""
+    if lm.device.type != "cpu":
+        return None
+    data_dir = os.environ.get("MEMENTO_DATA_DIR", "./data")
+    return Engine(lm, compile=True, compile_dir=os.path.join(data_dir, "compile"), progress=True)
+
+
+def timed_runs(lm, hf, eng, prompt, short, eos, qeng=None, ceng=None) -> dict[str, Callable[[], float]]:
     """One measurement each: name -> function returning tokens/s."""
     n = DECODE_TOKENS
     runs = {
         "ours_prefill_tok_s": lambda: len(prompt) / ours_stream_times(Engine(lm), prompt, 1)[0],
         "ours_decode_tok_s": lambda: ours_stream_times(eng, short, n, eos=eos)[1],
     }
+    if ceng is not None:
+        runs["ours_compiled_decode_tok_s"] = lambda: ours_stream_times(ceng, short, n, eos=eos)[1]
     if qeng is not None:
         runs["ours_alt_decode_tok_s"] = lambda: ours_stream_times(qeng, short, n, eos=eos)[1]
     if hf is not None:
@@ -358,11 +377,15 @@ def print_table(result: dict, file=None) -> None:
       f"{_fmt(t.get('prefill_ratio'), '.2f'):>8}")
     p(f"{'decode tok/s':40}{_fmt(t['ours_decode_tok_s']):>10}{_fmt(t.get('hf_decode_tok_s')):>14}"
       f"{_fmt(t.get('decode_ratio'), '.2f'):>8}")
+    if "ours_compiled_decode_tok_s" in t:
+        p(f"{'ours (compiled decode step)':40}{_fmt(t['ours_compiled_decode_tok_s']):>10}{'':>14}"
+          f"{_fmt(t.get('compiled_decode_ratio'), '.2f'):>8}")
     if "ours_alt_decode_tok_s" in t:
         p(f"{'ours (' + t['alt_label'] + ')':40}{_fmt(t['ours_alt_decode_tok_s']):>10}{'':>14}"
           f"{_fmt(t.get('alt_decode_ratio'), '.2f'):>8}")
     if "same_greedy_tokens" in t:
         p(f"same greedy tokens as transformers: {t['same_greedy_tokens']}"
+          + (f"  (compiled: {t['compiled_same_greedy_tokens']})" if "compiled_same_greedy_tokens" in t else "")
           + (f"  ({t['alt_label']}: {t['alt_same_greedy_tokens']})"
              if "alt_same_greedy_tokens" in t else ""))
     c = result["ttft"]

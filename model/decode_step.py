@@ -15,9 +15,11 @@ returns them; the caller writes every layer's new keys/values into the pool in o
     step.warm_up()                                   # compiles (or reads the cache); progress on stderr
     logits = step(tokens, tables, positions)         # (rows, vocab) float32
 
-Dynamic shapes: one graph for a single row and one for 2+ rows (torch specialises size 1), each
-for any context length. Inductor's artefacts live in `cache_dir`, so only a machine's first start
-compiles; later starts read them back.
+Only single-row steps run compiled (`MAX_ROWS`): measured through `memento bench --concurrency 1,8`
+the graph for 2+ rows made 8 sessions slower than eager (37.6 against 142.0 tok/s aggregate) while
+one row gains (68.2 against 42.4 tok/s), so batches stay eager until that is understood. The graph
+is dynamic in the context length. Inductor's artefacts live in `cache_dir`, so only a machine's
+first start compiles; later starts read them back.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import torch
 from model.rope import rope_cos_sin
 
 log = logging.getLogger(__name__)
+
+MAX_ROWS = 1  # steps with more decoding rows run eagerly (see above)
 
 
 class LayerBatch:
@@ -130,7 +134,7 @@ class CompiledDecode:
         pool.k_all[:, slots] = torch.stack(ks).transpose(1, 2).to(pool.k_all.dtype)  # (layers, B, n_kv, hd)
         pool.v_all[:, slots] = torch.stack(vs).transpose(1, 2).to(pool.v_all.dtype)
         return model.head(x)[0]
-    def warm_up(self, sizes: Sequence[int] = (1, 2)) -> dict[str, float]:
+    def warm_up(self, sizes: Sequence[int] = (1,)) -> dict[str, float]:
         """Compile (or read from the cache) the graphs for these batch sizes before traffic arrives,
         so no request waits for a compile: {"seconds", "compiled", "from_cache"} (graph counts)."""
         from torch._dynamo.utils import counters
@@ -150,7 +154,7 @@ class CompiledDecode:
                 log.warning("cannot compile the decode step (%s); decoding eagerly", exc)
                 break
             if self.progress:
-                print(f"  decode step for {b}{'+' if b > 1 else ''} rows ready ({time.perf_counter() - t0:.0f}s)",
+                print(f"  decode step for {b} row{'s' if b > 1 else ''} ready ({time.perf_counter() - t0:.0f}s)",
                       file=sys.stderr, flush=True)
         self.pool.k_all[:, :bs].zero_()  # the null block must read as zeros again
         self.pool.v_all[:, :bs].zero_()

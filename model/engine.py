@@ -69,13 +69,21 @@ class Completion:
 class Engine:
     def __init__(self, lm, kv_budget_bytes: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
                  max_batch: int = MAX_BATCH, block_size: int = BLOCK_SIZE, compile: bool = False,
-                 compile_dir: str | None = None, progress: bool = False):
+                 compile_dir: str | None = None, progress: bool = False, threads: int | None = None):
         """`kv_budget_bytes`: the KV pool's size; None -> 1 GiB on CPU, half of the free GPU
         memory on CUDA. `max_batch`: sequences decoding together; `prefill_chunk`: prompt tokens
         fed per step (bounds how long a new prompt delays the others). `compile`: decode steps
         run as one compiled graph (model/decode_step.py), compiled here, before the first request,
-        with inductor's artefacts kept in `compile_dir`; `progress` reports it on stderr."""
+        with inductor's artefacts kept in `compile_dir`; `progress` reports it on stderr.
+        `threads`: intra-op threads of the scheduler thread (None: torch's current setting).
+
+        libgomp stops spin-waiting once a process holds more OpenMP threads than cores, and every
+        thread that ever ran a parallel op keeps its own team: a model loaded on one thread and
+        run on this engine's would wake its workers through futexes (an int4 matmul: 21 us -> 75
+        us). Callers that can should load with torch.set_num_threads(1) and pass `threads` here,
+        so that the scheduler thread's team is the only one (service/runtime.py does)."""
         self.lm = lm
+        self.threads = threads or torch.get_num_threads()
         self.model = lm.model
         self.device = torch.device(lm.device)
         self.context_window = int(lm.context_window)
@@ -186,6 +194,7 @@ class Engine:
             self._cond.notify()
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's OpenMP team runs every step
         while True:
             with self._cond:
                 while not self.scheduler.has_work() and not self._closed:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from model.batch_sampler import sample_rows
+from model.decode_step import MAX_ROWS
 from model.paged_attention import PagedBatch, Row
 from model.paged_cache import SHARED, BlockPool, chain_keys
 from model.sequence import Sequence
@@ -200,7 +201,8 @@ class Scheduler:
 
     @torch.inference_mode()
     def _forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
-        if self.decode is not None and self.decode.failed is None and all(n == 1 for _, n in rows):
+        if (self.decode is not None and self.decode.failed is None and len(rows) <= MAX_ROWS
+                and all(n == 1 for _, n in rows)):
             try:
                 return self.decode([s.tokens[s.computed] for s, _ in rows], [s.table for s, _ in rows],
                                    [s.computed for s, _ in rows])

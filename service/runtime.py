@@ -133,21 +133,27 @@ def open_vector_memory(settings: Settings) -> Any:
 
 
 def load_engine(settings: Settings, progress: bool = True) -> tuple[Any, Any]:
+    import torch
+
     from model import load_model
 
+    # load on one thread so this thread never holds an OpenMP team: the engine's scheduler thread
+    # must be the process's only one, or libgomp stops spin-waiting (see model.engine.Engine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     lm = load_model(
         settings.model, device=settings.device, dtype=settings.dtype, data_dir=str(settings.data_dir), progress=progress
     )
     compile = settings.compile == "on" or (settings.compile == "auto" and lm.device.type == "cpu")
-    return lm, new_engine(lm, settings, compile, progress)
+    return lm, new_engine(lm, settings, compile, progress, threads)
 
 
-def new_engine(lm: Any, settings: Settings, compile: bool, progress: bool = False) -> Any:
+def new_engine(lm: Any, settings: Settings, compile: bool, progress: bool = False, threads: int | None = None) -> Any:
     """The batching engine over `lm`; compiled decode artefacts go to <data_dir>/compile."""
     from model import Engine
 
     return Engine(lm, kv_budget_bytes=settings.kv_budget, max_batch=settings.max_running, compile=compile,
-                  compile_dir=str(settings.data_dir / "compile"), progress=progress)
+                  compile_dir=str(settings.data_dir / "compile"), progress=progress, threads=threads)
 
 
 def open_runtime(settings: Settings, *, lm: Any = None, engine: Any = None, store: Any = None) -> Runtime:

@@ -368,3 +368,23 @@ def test_dry_breakers_become_token_ids_of_the_vocabulary_and_generation_runs(lm)
     assert eng._with_dry_breakers(SamplingParams()).dry_breaker_ids == ()  # off: nothing computed
     out = eng.complete(ids(30, 1), SamplingParams(temperature=0.0, max_tokens=6, dry_multiplier=2.0))
     assert len(out.token_ids) >= 1
+
+
+def test_the_scheduler_thread_runs_with_the_engines_thread_count():
+    """Engine(threads=n) sets n on its own thread (the one whose OpenMP team runs every step),
+    whatever the caller's thread uses; service/runtime.py loads with 1 and passes the real count."""
+    import torch as _torch
+
+    seen = []
+
+    def record(_tokens, logits):
+        seen.append(_torch.get_num_threads())
+        return logits
+
+    before = _torch.get_num_threads()
+    lm = tiny_lm()
+    eng = Engine(lm, threads=1 if before > 1 else 2)
+    eng.complete(ids(5, 3), SamplingParams(temperature=0, max_tokens=2), logits_processors=[record])
+    assert seen and set(seen) == {eng.threads}
+    eng.close()
+    _torch.set_num_threads(before)
