@@ -72,8 +72,8 @@ class Engine:
                  compile_dir: str | None = None, progress: bool = False, threads: int | None = None):
         """`kv_budget_bytes`: the KV pool's size; None -> 1 GiB on CPU, half of the free GPU
         memory on CUDA. `max_batch`: sequences decoding together; `prefill_chunk`: prompt tokens
-        fed per step (bounds how long a new prompt delays the others). `compile`: decode steps
-        run as one compiled graph (model/decode_step.py), compiled here, before the first request,
+        fed per step (bounds how long a new prompt delays the others). `compile`: single-row decode
+        steps run as one compiled graph (model/decode_step.py), compiled here, before the first request,
         with inductor's artefacts kept in `compile_dir`; `progress` reports it on stderr.
         `threads`: intra-op threads of the scheduler thread (None: torch's current setting).
 

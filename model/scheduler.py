@@ -49,8 +49,8 @@ class SessionRecord:
 class Scheduler:
     def __init__(self, model, pool: BlockPool, eos_ids, context_window: int, max_batch: int = MAX_BATCH,
                  prefill_chunk: int = PREFILL_CHUNK, decode=None) -> None:
-        """`decode`: a `model.decode_step.CompiledDecode` for steps where every row decodes one
-        token; None runs every step eagerly."""
+        """`decode`: a `model.decode_step.CompiledDecode` for decode-only steps of at most
+        `MAX_ROWS` rows (one); None runs every step eagerly."""
         self.model, self.pool, self.eos = model, pool, set(eos_ids)
         self.decode = decode
         self.context_window, self.max_batch, self.prefill_chunk = context_window, max_batch, prefill_chunk
