@@ -247,9 +247,12 @@ def test_tokenizer_tools_ids_and_defused_call_arguments(monkeypatch):
 
 @pytest.mark.slow
 def test_real_tokenizer_tools_ids_equal_transformers():
+    import copy
+
     from tests.model.test_tokenizer import hf_tokenizer, real_tokenizer
 
-    tok, hf = real_tokenizer("smollm2"), hf_tokenizer("smollm2")  # ChatML specials: Qwen's template fits
+    # ChatML specials: Qwen's template fits. A copy: the cached tokenizer is shared with other tests.
+    tok, hf = copy.copy(real_tokenizer("smollm2")), hf_tokenizer("smollm2")
     tok.chat_template = QWEN25_TEMPLATE
     for gen in (True, False):
         out = hf.apply_chat_template(CHAT, tools=[WEATHER, TIME], tokenize=True, add_generation_prompt=gen,
