@@ -83,13 +83,16 @@ class Tokenizer:
 
     def __init__(self, backend: Any, *, specials: dict[str, int], bos_id: int | None, eos_ids: Iterable[int],
                  chat_template: str | None, template_vars: dict[str, Any] | None = None,
-                 add_bos_token: bool = False, name: str = ""):
+                 add_bos_token: bool = False, name: str = "", tool_template: str | None = None):
         self._backend = backend  # _HFBackend or _TiktokenBackend
         self.specials = SpecialMatcher(specials)
         self.bos_id = bos_id
         self.eos_ids: set[int] = set(eos_ids)
         self.add_bos_token = add_bos_token  # what the checkpoint says for raw prompts (chat templates add their own)
         self.chat_template = chat_template
+        # a checkpoint's separate "tool_use" template (Hermes 2 Pro, Command R), used when tools are
+        # given, as transformers picks it
+        self.tool_template = tool_template
         self.template_vars = dict(template_vars or {})  # bos_token, eos_token, ... as the template sees them
         self.name = name
         self._run_cache: dict[str, list[int]] = {}  # template run text -> ids (see _encode_runs)
@@ -172,7 +175,9 @@ class Tokenizer:
         return StreamDecoder(lambda ids: self.decode(ids, skip_special_tokens))
 
     # -- chat -------------------------------------------------------------------------------------
-    def _template(self) -> str:
+    def _template(self, tools: list[dict[str, Any]] | None = None) -> str:
+        if tools and self.tool_template:
+            return self.tool_template
         if self.chat_template:
             return self.chat_template
         raise ct.ChatTemplateError(
@@ -182,12 +187,12 @@ class Tokenizer:
     @property
     def has_tools_template(self) -> bool:
         """Whether the chat template describes `tools` itself (else callers put them in a prompt)."""
-        return bool(self.chat_template) and ct.has_tools_section(self.chat_template)
+        return any(t and ct.has_tools_section(t) for t in (self.tool_template, self.chat_template))
 
     def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text the model's chat template produces (what transformers renders)."""
-        return ct.render(self._template(), messages, add_generation_prompt=add_generation_prompt,
+        return ct.render(self._template(tools), messages, add_generation_prompt=add_generation_prompt,
                          variables=self.template_vars, tools=tools)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
@@ -200,7 +205,7 @@ class Tokenizer:
         (transformers' `tools=`); tool-call arguments are client or model text, so specials in them
         are defused, as content is where it cannot be located.
         """
-        template = self._template()
+        template = self._template(tools)
         msgs = [self._defuse_calls(m) for m in ct.check_messages(messages)]
         if not any(self.specials.contains_any(m["content"]) for m in msgs):
             text = self.render_chat(msgs, add_generation_prompt, tools)
@@ -523,6 +528,7 @@ def _gguf_chat_info(meta: dict[str, Any], tokens: list[str], specials: dict[str,
                                                        ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")]}
     template = meta.get("tokenizer.chat_template") or ct.builtin_template_for(specials)
     return {"bos_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_ids": eos_ids, "chat_template": template,
+            "tool_template": meta.get("tokenizer.chat_template.tool_use"),  # llama.cpp's name for it
             "template_vars": {k: v for k, v in variables.items() if v is not None},
             "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))}
 
@@ -615,15 +621,20 @@ def _token_str(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _hf_chat_template(path: Path, config: dict[str, Any]) -> str | None:
-    jinja_file = path / "chat_template.jinja"
+def _hf_chat_templates(path: Path, config: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(the chat template, the separate "tool_use" one if any), wherever transformers saved them:
+    chat_template.jinja (+ additional_chat_templates/<name>.jinja), or tokenizer_config.json's
+    "chat_template", a string or [{"name": "default", "template": ...}, {"name": "tool_use", ...}]."""
+    jinja_file, extra = path / "chat_template.jinja", path / "additional_chat_templates" / "tool_use.jinja"
+    tool_use = extra.read_text(encoding="utf-8") if extra.is_file() else None
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        return jinja_file.read_text(encoding="utf-8"), tool_use
     template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+    if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
-    return template
+        tool_use = named.get("tool_use") or tool_use
+    return template, tool_use
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -661,6 +672,7 @@ def _build_from_hf_dir(cls: type[Tokenizer], path: Path) -> Tokenizer:
         eos_ids.add(tk.token_to_id(variables["eos_token"]))
     gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
     eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else [])
-    template = _hf_chat_template(path, config) or ct.builtin_template_for(specials)
-    return cls(backend, specials=specials, bos_id=bos_id, eos_ids=eos_ids, chat_template=template,
+    template, tool_use = _hf_chat_templates(path, config)
+    return cls(backend, specials=specials, bos_id=bos_id, eos_ids=eos_ids,
+               chat_template=template or ct.builtin_template_for(specials), tool_template=tool_use,
                template_vars=variables, add_bos_token=bool(config.get("add_bos_token", False)), name=path.name)

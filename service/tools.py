@@ -132,7 +132,7 @@ def native_format(tokenizer: Any) -> CallFormat | None:
     """The call format of the tokenizer's own template, when it has a tools section we can parse."""
     if not getattr(tokenizer, "has_tools_template", False):
         return None
-    source = tokenizer.chat_template
+    source = getattr(tokenizer, "tool_template", None) or tokenizer.chat_template  # the one tools render through
     if QWEN.open in source:
         return QWEN
     if '"parameters": ' in source:  # Llama 3.1 / 3.2 / 3.3: {"name": ..., "parameters": ...}

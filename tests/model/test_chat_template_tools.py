@@ -259,3 +259,45 @@ def test_real_tokenizer_tools_ids_equal_transformers():
                                      chat_template=QWEN25_TEMPLATE)
         expected = out if isinstance(out, list) else out["input_ids"]
         assert tok.apply_chat_template(CHAT, gen, tools=[WEATHER, TIME]) == expected
+
+
+def test_gguf_tool_use_template_renders_tools_and_names_the_call_format():
+    """llama.cpp keeps a checkpoint's separate tool template as tokenizer.chat_template.tool_use:
+    requests with tools render through it, the others through the default template."""
+    from model.tokenizer import Tokenizer
+    from service.tools import QWEN, native_format
+    from tests.model.test_tokenizer import tiny_gguf_metadata
+
+    meta = dict(tiny_gguf_metadata(SMOL_TEMPLATE), **{"tokenizer.chat_template.tool_use": QWEN25_TEMPLATE})
+    tok = Tokenizer.from_gguf("tiny.gguf", metadata=meta)
+    assert tok.has_tools_template and not ct.has_tools_section(SMOL_TEMPLATE)
+    assert native_format(tok) is QWEN
+    assert tok.render_chat(CHAT, tools=[WEATHER]) == ct.render(QWEN25_TEMPLATE, CHAT, tools=[WEATHER])
+    assert tok.render_chat(CHAT) == ct.render(SMOL_TEMPLATE, CHAT)
+
+
+@pytest.mark.slow
+def test_hf_dir_named_templates_pick_tool_use_as_transformers_does(tmp_path):
+    """tokenizer_config.json's list form [{"name": "default"}, {"name": "tool_use"}] (Hermes 2 Pro,
+    Command R): with tools transformers renders "tool_use", without them "default"; our ids match."""
+    import json
+
+    from model.tokenizer import Tokenizer
+    from tests.model.test_tokenizer import hf_tokenizer
+
+    hf_tokenizer("smollm2").save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": SMOL_TEMPLATE},
+                               {"name": "tool_use", "template": QWEN25_TEMPLATE}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    hf.save_pretrained(tmp_path / "resaved")  # today's layout: additional_chat_templates/tool_use.jinja
+    assert (tmp_path / "resaved" / "additional_chat_templates" / "tool_use.jinja").is_file()
+    for tok in (Tokenizer.from_hf_dir(tmp_path), Tokenizer.from_hf_dir(tmp_path / "resaved")):
+        for tools in ([WEATHER, TIME], None):
+            out = hf.apply_chat_template(CHAT, tools=tools, tokenize=True, add_generation_prompt=True)
+            expected = out if isinstance(out, list) else out["input_ids"]
+            assert tok.apply_chat_template(CHAT, tools=tools) == expected
