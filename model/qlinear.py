@@ -16,6 +16,7 @@ packing then maps that onto the kernel's format (below), exactly but for bf16 ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -144,33 +145,37 @@ def permute_rows(qw: QWeight, fn) -> QWeight:
 # per 32 (error <= 1/254 of the group's largest weight, 8x finer than Q6_K's own step).
 
 GROUP = 32  # the kernel's smallest group size
-ROW_BLOCK = 64  # the packed layout interleaves rows in blocks of 64 (N is padded to a multiple)
+ROW_PAD = 64  # planes pad N to a multiple of 64, which every layout's row block divides
 
 
 def int4_supported() -> bool:
-    """This torch has the CPU packed-int4 kernels (torch >= 2.6) and its layout is the one we read."""
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and _layout_ok()
+    """This torch has the CPU packed-int4 kernels (torch >= 2.6) and its layout is one we read."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and row_block() is not None
 
 
-_LAYOUT: list[bool] = []
+@cache
+def row_block() -> int | None:
+    """Rows per interleaved block of torch's packed int4 layout on this CPU, or None if it is
+    neither we know. The layout is K-major within blocks of R rows, row r of a block in byte
+    r % (R/2), the low nibble for the first half: R = 64 where torch's kernel was built for
+    AVX-512, 32 on AVX2 machines (the same torch wheel picks at run time). Embedding lookups read
+    rows straight from the packed bytes, so check once which one this is."""
+    u = torch.randint(0, 16, (2 * ROW_PAD, 2 * GROUP), generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(u.int(), 1)
+    rows = torch.arange(u.shape[0])
+    for rb in (64, 32):
+        if torch.equal(_unpack_rows(packed, rows, u.shape[1], rb), u.to(torch.uint8)):
+            return rb
+    return None
 
 
-def _layout_ok() -> bool:
-    """Embedding lookups read rows straight from the packed bytes; check once that the layout
-    (64-row blocks, K-major, row r in byte r % 32, low nibble for r % 64 < 32) is this torch's."""
-    if not _LAYOUT:
-        u = torch.randint(0, 16, (2 * ROW_BLOCK, 2 * GROUP), generator=torch.Generator().manual_seed(0))
-        packed = torch._convert_weight_to_int4pack_for_cpu(u.int(), 1)
-        rows = torch.arange(u.shape[0])
-        _LAYOUT.append(torch.equal(_unpack_rows(packed, rows, u.shape[1]), u.to(torch.uint8)))
-    return _LAYOUT[0]
-
-
-def _unpack_rows(packed: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+def _unpack_rows(packed: torch.Tensor, rows: torch.Tensor, k: int, rb: int | None = None) -> torch.Tensor:
     """4-bit values u (len(rows), K) of the given rows, read from torch's packed CPU layout."""
-    blocks = packed.view(-1, k, GROUP)  # (N / 64, K, 32): byte (b, k, r % 32) holds rows b*64 + r
-    byte = blocks[rows // ROW_BLOCK, :, rows % GROUP]  # (R, K)
-    shift = ((rows % ROW_BLOCK) // GROUP * 4).to(torch.uint8)[:, None]
+    rb = rb or row_block()
+    half = rb // 2
+    blocks = packed.view(-1, k, half)  # (N / R, K, R / 2): byte (b, k, r % (R/2)) holds rows b*R + r
+    byte = blocks[rows // rb, :, rows % half]  # (len(rows), K)
+    shift = ((rows % rb) // half * 4).to(torch.uint8)[:, None]
     return (byte >> shift) & 15
 
 
@@ -178,8 +183,9 @@ def _pack_u4(u: torch.Tensor) -> torch.Tensor:
     """u (N, K) uint8 in [0, 15] -> torch's packed layout (the inverse of _unpack_rows), written
     directly in uint8: the library's converter wants int32 input, 4x the bytes, and is slower."""
     n, k = u.shape
-    blocks = u.view(n // ROW_BLOCK, 2, GROUP, k)  # (N/64, low/high half, 32 rows, K)
-    packed = blocks[:, 0] | (blocks[:, 1] << 4)  # (N/64, 32, K)
+    rb = row_block()
+    blocks = u.view(n // rb, 2, rb // 2, k)  # (N/R, low/high half, R/2 rows, K)
+    packed = blocks[:, 0] | (blocks[:, 1] << 4)  # (N/R, R/2, K)
     return packed.transpose(1, 2).contiguous().view(n, k // 2)
 
 
@@ -193,7 +199,7 @@ class Int4Plane:
 
 def _plane(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Plane:
     """u (N, K) in [0, 15], scale/zero (N, K/32) float32 -> a plane padded to 64 rows."""
-    pad = -u.shape[0] % ROW_BLOCK
+    pad = -u.shape[0] % ROW_PAD
     if pad:  # padded rows: u = 8, scale = zero = 0, so they compute 0 and are sliced off
         u = torch.cat([u, torch.full((pad, u.shape[1]), 8, dtype=u.dtype)])
         scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale, zero))

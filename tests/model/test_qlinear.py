@@ -145,8 +145,9 @@ def test_weights_default_to_quantized_on_cpu(monkeypatch):
 
 @pytest.mark.slow
 def test_real_model_quantized_matches_float():
-    """SmolLM2 from its Q4_1 GGUF: the packed weights give float32's greedy tokens; logits differ
-    only by bf16 rounding inside the int4 kernel (measured max 0.62 over a prompt, logits spanning ~40)."""
+    """SmolLM2 from its Q4_1 GGUF: the packed weights give float32's greedy tokens but at near-ties;
+    logits differ only by bf16 rounding inside the int4 kernel (measured max 0.62 over a prompt,
+    logits spanning ~40)."""
     from model.engine import Engine
     from model.registry import load_model
     from model.sampling import SamplingParams
@@ -167,10 +168,21 @@ def test_real_model_quantized_matches_float():
         print(f"quantized vs float32 max abs logit diff: {(got - want).abs().max().item():.3f}")
         assert (got - want).abs().max().item() < 1.0
         assert torch.equal(got.argmax(-1), want.argmax(-1))
-    # bf16 rounding moves near-ties: the chat replies agree for their first 16 tokens (measured: the
-    # haiku first differs at token 22), so only that much is promised; README quotes the figures.
-    params = SamplingParams(temperature=0.0, max_tokens=16)
+    # bf16 rounding inside the kernel moves near-ties, and where depends on the CPU's kernel (AVX2,
+    # AVX-512, AMX). So the replies must agree up to their first difference, and that difference
+    # must be a near-tie in float32's own logits (measured: 0.067 apart on an AMX host, at tokens 8
+    # and 17); a broken plane diverges at once, where float32's choice leads by whole logits.
+    params = SamplingParams(temperature=0.0, max_tokens=24)
     for text in prompts:
         prompt = tok.apply_chat_template([{"role": "user", "content": text}])
         want = Engine(lf).complete(prompt, params).token_ids
-        assert Engine(lq).complete(prompt, params).token_ids == want
+        got = Engine(lq).complete(prompt, params).token_ids
+        first = next((i for i, (w, g) in enumerate(zip(want, got)) if w != g), None)
+        if first is None:
+            continue
+        ids = torch.tensor([prompt + want[:first]])
+        with torch.inference_mode():
+            logits = lf.model(ids, torch.arange(ids.shape[1]))[0, -1]
+        margin = (logits[want[first]] - logits[got[first]]).item()
+        print(f"{text!r}: first differs at token {first}, float32 margin {margin:.3f}")
+        assert first >= 4 and margin < 0.5
