@@ -79,8 +79,8 @@ def _rss() -> int:
 
 def measure(path: str, weights: str) -> dict:
     """Load in this process and report bytes resident for the model (RSS after the load minus
-    RSS after the imports), the peak, the load time, and greedy argmaxes: over the prompt's
-    positions, then 3 decoded tokens."""
+    RSS after the imports), the peak, the load time, and greedy argmaxes with their top-5 logits:
+    over the prompt's positions, then 3 decoded tokens."""
     import time
 
     import torch
@@ -99,11 +99,15 @@ def measure(path: str, weights: str) -> dict:
     with torch.inference_mode():
         cache = m.new_cache()
         logits = m(ids, torch.arange(ids.shape[1]), cache)
-        argmax = logits[0].argmax(-1).tolist()
+        rows = list(logits[0])
         for pos in range(ids.shape[1], ids.shape[1] + 3):
-            argmax.append(int(logits[0, -1].argmax()))
-            logits = m(torch.tensor([[argmax[-1]]]), torch.tensor([pos]), cache)
-    return dict(resident=resident, peak=peak, load_s=load_s, argmax=argmax)
+            logits = m(logits[:, -1:].argmax(-1), torch.tensor([pos]), cache)
+            rows.append(logits[0, -1])
+    # the argmax at each position and the 5 best {id: logit}, so a caller can tell a near-tie apart
+    argmax = [int(r.argmax()) for r in rows]
+    top = [{int(i): float(v) for v, i in zip(*r.topk(5), strict=True)} for r in rows]
+    spread = max(float(r.max() - r.min()) for r in rows)
+    return dict(resident=resident, peak=peak, load_s=load_s, argmax=argmax, top=top, spread=spread)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Random-weight Llama-shaped files (tests/model/big_gguf.py), loaded in a fresh process each so the
 resident bytes are the model's: packed int4 planes must stay within 1.3x the file (the KV cache
-is allocated later, by the engine), and greedy argmaxes must equal the dequantized float32 model's.
+is allocated later, by the engine), and greedy argmaxes must equal the dequantized float32 model's
+but at a float32 near-tie.
 """
 
 from __future__ import annotations
@@ -41,4 +42,12 @@ def test_billion_parameter_gguf_stays_quantized(tmp_path, qtype):
     f = measure(path, "float")
     path.unlink()  # 0.6-1.1 GB: don't leave it in pytest's kept temp dirs
     assert f["resident"] > 3.5 * params  # the float32 path really is 4 bytes a weight: the contrast
-    assert q["argmax"] == f["argmax"]
+    # bf16 rounding in the int4 kernel may flip a float32 near-tie (which one depends on the CPU's
+    # kernel: a decoded Q8_0 token flipped on an AMX host), so the argmaxes agree up to the first
+    # difference and that one is a near-tie in float32's own logits; a broken plane differs at once
+    first = next((i for i, (a, b) in enumerate(zip(q["argmax"], f["argmax"])) if a != b), None)
+    if first is not None:
+        best = f["top"][first]  # {str(id): logit}: JSON keys are strings
+        margin = best[str(f["argmax"][first])] - best.get(str(q["argmax"][first]), float("-inf"))
+        print(f"first argmax difference at {first}: float32 margin {margin:.4f} of a spread {f['spread']:.1f}")
+        assert margin < 0.01 * f["spread"]

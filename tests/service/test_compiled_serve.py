@@ -1,7 +1,7 @@
 """The compiled decode step as a user gets it: `memento serve` with MEMENTO_COMPILE=on (the CPU
 default) compiles before it reports ready, says so on stderr, keeps inductor's artefacts in
 <data_dir>/compile, and a restart reads them back instead of compiling again. Replies match
-an eager server's."""
+an eager server's up to a near-tie."""
 
 from __future__ import annotations
 
@@ -16,13 +16,28 @@ pytestmark = pytest.mark.slow
 PROMPT = "The old lighthouse keeper climbed the stairs and"
 
 
-def complete(base: str) -> str:
-    r = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0}, timeout=120)
+def complete(base: str) -> dict:
+    """The greedy completion's legacy logprobs: tokens, and the 5 best {token: logprob} at each."""
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 5}
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
+    return r.json()["choices"][0]["logprobs"]
 
 
-def serve_once(tmp_path) -> tuple[str, str]:
+def agree_but_at_a_near_tie(got: dict, want: dict) -> None:
+    """The fused kernels round differently from eager ones, so a near-tie may flip (which one
+    depends on the CPU: on an AMX host the 4th token did, 0.012 apart): the tokens agree up to the first
+    difference, and there the eager server's top two were within 0.1 nats."""
+    first = next((i for i, (a, b) in enumerate(zip(got["tokens"], want["tokens"])) if a != b), None)
+    if first is None:
+        return
+    top = want["top_logprobs"][first]
+    gap = top[want["tokens"][first]] - top.get(got["tokens"][first], float("-inf"))
+    print(f"compiled and eager differ first at token {first}: eager gap {gap:.3f} nats")
+    assert gap < 0.1
+
+
+def serve_once(tmp_path) -> tuple[dict, str]:
     port = free_port()
     proc = start_server(tmp_path, port, {"MEMENTO_COMPILE": "on"})
     try:
@@ -46,4 +61,5 @@ def test_serve_compiles_once_and_restarts_from_the_cache(tmp_path, smol_lm):
 
     settings = make_settings(tmp_path / "eager", compile="off")
     with LiveServer(create_app(settings, lm=smol_lm), free_port()) as eager:  # same request path, eager
-        assert first == second == complete(eager.url)
+        assert first == second  # the same graph, compiled or read back, gives the same tokens
+        agree_but_at_a_near_tie(first, complete(eager.url))
