@@ -47,6 +47,8 @@ def _row_scores(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
         if r.params.penalized:
             scores[i] = penalize_counts(scores[i], r.params, r.context, r.generated)
     dry = [i for i, r in enumerate(rows) if r.params.dry]
+    if len(dry) == len(rows):  # the usual case (a model preset has DRY): no gather and scatter back
+        return apply_dry(scores, [r.params for r in rows], [r.context for r in rows])
     if dry:  # one vectorised pass for every DRY row, after the per-row penalties as in penalize()
         scores[dry] = apply_dry(scores[dry], [rows[i].params for i in dry], [rows[i].context for i in dry])
     return scores
@@ -67,7 +69,8 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> list[tuple[int
     tokens: list[int] = [0] * len(rows)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:
-        for i, t in zip(greedy, torch.argmax(scores[greedy], dim=-1).tolist(), strict=True):
+        picked = scores if len(greedy) == len(rows) else scores[greedy]
+        for i, t in zip(greedy, torch.argmax(picked, dim=-1).tolist(), strict=True):
             tokens[i] = t
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
     if drawn:

@@ -281,6 +281,22 @@ def test_dry_rows_in_a_batch_match_each_row_alone():
         assert batched[i][0] == sample(logits[i], p, make_generator(i), c, c[-2:])
 
 
+@pytest.mark.parametrize("breakers", [((6,), (6,), (6,)), ((6,), (), (2,))])
+def test_an_all_dry_batch_scores_each_row_as_alone(breakers):
+    """The batch's fast path (every row has DRY: no gather and scatter back, one breaker lookup
+    when the rows share their breakers) gives each row's own penalised scores."""
+    from model.batch_sampler import RowSampling, _row_scores
+
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(7))
+    contexts = [[1, 2, 3, 4, 1, 2, 3], [5, 6, 5, 6, 5, 6], [1, 2, 1, 2, 1, 2, 1]]
+    params = [dry(dry_multiplier=m, dry_breaker_ids=b) for m, b in zip((3.0, 1.0, 0.5), breakers, strict=True)]
+    rows = [RowSampling(p, None, c, c[-2:]) for p, c in zip(params, contexts, strict=True)]
+    got = _row_scores(logits, rows)
+    assert not torch.equal(got, logits)  # the contexts do repeat: DRY had something to penalise
+    for i, (p, c) in enumerate(zip(params, contexts, strict=True)):
+        assert torch.allclose(got[i], penalize(logits[i].clone(), p, c, c[-2:]))
+
+
 @pytest.mark.parametrize("kw, field", [({"dry_multiplier": -1.0}, "dry_multiplier"), ({"dry_base": 1.0}, "dry_base"),
                                        ({"dry_allowed_length": 0}, "dry_allowed_length"),
                                        ({"dry_penalty_last_n": -2}, "dry_penalty_last_n"),
