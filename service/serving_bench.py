@@ -109,9 +109,16 @@ def _start_llama_server(binary: str, gguf: str, slots: int, threads: int) -> tup
     port = free_port()
     args = [binary, "-m", gguf, "-np", str(slots), "-t", str(threads), "-c", str(2048 * slots),
             "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its output goes to a log file, not /dev/null: with both streams on /dev/null this llama-server
+    # build (0.3.36's vendor tree) dropped the bench's first streamed request without an answer
+    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, proc, "/health")
+    try:
+        _wait_ready(url, proc, "/health")
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; its log: {log.name}") from exc
     return proc, url
 
 
