@@ -45,7 +45,7 @@ def test_billion_parameter_gguf_stays_quantized(tmp_path, qtype):
     # bf16 rounding in the int4 kernel may flip a float32 near-tie (which one depends on the CPU's
     # kernel: a decoded Q8_0 token flipped on an AMX host), so the argmaxes agree up to the first
     # difference and that one is a near-tie in float32's own logits; a broken plane differs at once
-    first = next((i for i, (a, b) in enumerate(zip(q["argmax"], f["argmax"])) if a != b), None)
+    first = next((i for i, (a, b) in enumerate(zip(q["argmax"], f["argmax"], strict=True)) if a != b), None)
     if first is not None:
         best = f["top"][first]  # {str(id): logit}: JSON keys are strings
         margin = best[str(f["argmax"][first])] - best.get(str(q["argmax"][first]), float("-inf"))
