@@ -124,7 +124,7 @@ class SQLiteStore:
                 self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
+                self._enable_wal(conn)
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
                 self._migrate(conn)
@@ -132,6 +132,21 @@ class SQLiteStore:
                 conn.close()
                 raise
             self._conn = conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switching a file to WAL needs an exclusive lock, and SQLite answers "database is locked"
+        at once, without waiting through the busy timeout, while another process opens the same
+        new file (replicas starting together: 5 of 60 opens failed in a 6-process race). So retry
+        within the busy timeout; once one opener has switched the file, the others find WAL set."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     # -- plumbing -------------------------------------------------------------------------
 

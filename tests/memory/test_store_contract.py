@@ -411,6 +411,23 @@ def test_sqlite_locked_beyond_timeout_is_unavailable_then_recovers(tmp_path):
     store.close()
 
 
+def test_sqlite_open_waits_while_another_opener_holds_a_new_file(tmp_path):
+    """Switching a new file to WAL fails at once, past the busy timeout, while another connection
+    holds its write lock (replicas opening one new file together: CI saw an open fail so); the
+    open retries within the timeout instead."""
+    path = tmp_path / "new.db"
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("CREATE TABLE t (x)")  # a new file, still in rollback-journal mode
+    blocker.execute("BEGIN IMMEDIATE")  # another process part-way through its own open
+    threading.Timer(0.3, blocker.execute, ["ROLLBACK"]).start()
+    t0 = time.monotonic()
+    store = SQLiteStore(path, busy_timeout_s=5.0)
+    assert 0.25 < time.monotonic() - t0 < 4.0  # it waited for the lock, then opened
+    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+    blocker.close()
+
+
 def test_sqlite_creates_parent_dirs_and_refuses_newer_schema(tmp_path):
     path = tmp_path / "deep" / "er" / "memento.db"
     store = open_store(f"sqlite:///{path}")
