@@ -17,6 +17,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType as Q
 
 from tests.model.big_gguf import write_random_gguf
+from tests.near_ties import first_difference
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +46,8 @@ def test_billion_parameter_gguf_stays_quantized(tmp_path, qtype):
     # bf16 rounding in the int4 kernel may flip a float32 near-tie (which one depends on the CPU's
     # kernel: a decoded Q8_0 token flipped on an AMX host), so the argmaxes agree up to the first
     # difference and that one is a near-tie in float32's own logits; a broken plane differs at once
-    first = next((i for i, (a, b) in enumerate(zip(q["argmax"], f["argmax"], strict=True)) if a != b), None)
+    assert len(q["argmax"]) == len(f["argmax"])
+    first = first_difference(q["argmax"], f["argmax"])
     if first is not None:
         best = f["top"][first]  # {str(id): logit}: JSON keys are strings
         margin = best[str(f["argmax"][first])] - best.get(str(q["argmax"][first]), float("-inf"))

@@ -24,6 +24,7 @@ from model.qlinear import (
     to_planes,
 )
 from tests.model.conftest import SMOLLM2_GGUF
+from tests.near_ties import first_difference
 
 Q = GGMLQuantizationType
 # byte offsets of the float16 fields (d, m / dmin) in each block type; the rest may be anything
@@ -177,7 +178,7 @@ def test_real_model_quantized_matches_float():
         prompt = tok.apply_chat_template([{"role": "user", "content": text}])
         want = Engine(lf).complete(prompt, params).token_ids
         got = Engine(lq).complete(prompt, params).token_ids
-        first = next((i for i, (w, g) in enumerate(zip(want, got, strict=False)) if w != g), None)
+        first = first_difference(want, got)
         if first is None:
             continue
         ids = torch.tensor([prompt + want[:first]])

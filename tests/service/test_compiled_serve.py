@@ -8,6 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tests.near_ties import first_difference
 from tests.service.conftest import LiveServer, free_port, make_settings
 from tests.service.test_restart import start_server
 
@@ -28,7 +29,7 @@ def agree_but_at_a_near_tie(got: dict, want: dict) -> None:
     """The fused kernels round differently from eager ones, so a near-tie may flip (which one
     depends on the CPU: on an AMX host the 4th token did, 0.012 apart): the tokens agree up to
     the first difference, and there the eager server's top two were within 0.1 nats."""
-    first = next((i for i, (a, b) in enumerate(zip(got["tokens"], want["tokens"], strict=False)) if a != b), None)
+    first = first_difference(got["tokens"], want["tokens"])
     if first is None:
         return
     top = want["top_logprobs"][first]
