@@ -105,7 +105,8 @@ def _start_memento(model: str, max_running: int, max_tokens: int, data_dir: str)
     return proc, url
 
 
-def _start_llama_server(binary: str, gguf: str, slots: int, threads: int) -> tuple[subprocess.Popen, str]:
+def _start_llama_server(binary: str, gguf: str, slots: int, threads: int) -> tuple[subprocess.Popen, str, str]:
+    """(process, url, its log's path) of a ready llama-server; the log stays when it fails."""
     port = free_port()
     args = [binary, "-m", gguf, "-np", str(slots), "-t", str(threads), "-c", str(2048 * slots),
             "--host", "127.0.0.1", "--port", str(port)]
@@ -119,7 +120,7 @@ def _start_llama_server(binary: str, gguf: str, slots: int, threads: int) -> tup
         _wait_ready(url, proc, "/health")
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}; its log: {log.name}") from exc
-    return proc, url
+    return proc, url, log.name
 
 
 def _kv_bytes_per_token(url: str) -> float | None:
@@ -199,7 +200,7 @@ def _peer(out: dict[str, Any], binary: str, gguf: str, levels: list[int], max_to
     """llama-server's figures and our ratios into `out`; a peer that fails is reported, not fatal."""
     print(f"bench: starting {binary} -np {max(levels)} -t {threads}", file=sys.stderr)
     try:
-        proc, url = _start_llama_server(binary, gguf, max(levels), threads)
+        proc, url, log = _start_llama_server(binary, gguf, max(levels), threads)
     except RuntimeError as exc:
         out["llama_server_error"] = str(exc)
         print(f"bench: {exc}", file=sys.stderr)
@@ -209,6 +210,7 @@ def _peer(out: dict[str, Any], binary: str, gguf: str, levels: list[int], max_to
     finally:
         proc.terminate()
         proc.wait(30)
+    os.unlink(log)  # measured: nothing in it to read (a failure above leaves it, for the traceback)
     for ours, theirs in zip(out["ours"], out["llama_server"], strict=True):
             for key in ("aggregate_tok_s", "per_session_tok_s", "ttft_p95_s"):
                 if ours[key] and theirs[key]:
