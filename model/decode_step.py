@@ -19,8 +19,8 @@ Only single-row steps run compiled (`MAX_ROWS`): one row gains (62.3 against 52.
 in-process), while the graph for 2+ rows, compiled before traffic, decodes 8 rows no faster than
 eager (204.3 against 204.0 tok/s aggregate): their step is the int4 kernel's, which costs M times
 its one-row cost. (An earlier 37.6 against 142.0 through the bench had that compile inside the
-run.) The graph is dynamic in the context length. Inductor's artefacts live in `cache_dir`, so only a machine's
-first start compiles; later starts read them back.
+run.) The graph is dynamic in the context length. Inductor's artefacts live in `cache_dir`, so
+only a machine's first start compiles; later starts read them back.
 """
 
 from __future__ import annotations
