@@ -3,7 +3,8 @@
     leak = find_leak(reply, instructions)        # Leak(start, what) or None: where the reply began to
     reply[: leak.start]                          #   echo the prompt's notes / markers: cut it there
     problems = degeneration(reply, earlier, "ko", names={"지우", "아빠"})
-    # [] or some of: "repeated_phrase", "few_distinct_pairs", "copied_reply", "foreign_script"
+    # [] or some of: "repeated_phrase" (a loop, a looping tail included), "few_distinct_pairs",
+    # "copied_reply", "foreign_script"
 
 Small base models (gemma-3-270m) copy what sits right before their turn, the "[System note: ...]"
 after the user's line included, and loop on a phrase or on an earlier reply of theirs; nothing in
@@ -108,13 +109,35 @@ _STUTTER_RE = re.compile(r"([^\W\d_\u3131-\u318e]{1,4}?)\1{5,}")
 
 COMPACT_PHRASE = 5  # letters: a phrase written without spaces ("먹고싶어요먹고 싶어요") is found this way
 
+# a reply whose last TAIL_WORDS words are at most TAIL_DISTINCT different ones has stopped saying
+# anything: gemma-3-270m ends "...먹고.겪는데.겪는데.겪어.겪어.겪는다.겪는다.겪다.겪다.겪는다.겪는다.겪는다.",
+# a loop over forms of one verb that no phrase count sees (no run of one word reaches REPEAT_TIMES).
+# Ordinary chat seldom has 8 words in a row drawn from 3; a laugh written in jamo (ㅋㅋ ㅋㅋㅋ) is not a loop
+TAIL_WORDS, TAIL_DISTINCT = 8, 3
+_JAMO_RE = re.compile(r"[\u3131-\u318e]+")
+
 
 def repeated_phrase(ws: Sequence[str], times: int = REPEAT_TIMES) -> str | None:
     """A phrase of 2-4 words that occurs `times` or more, one word `times` in a row ("아빠, 아빠, ..."),
-    a piece of a word repeated six times inside it, or COMPACT_PHRASE letters `times` times once the
-    spaces are gone (small models drop the spaces of Korean as they loop)."""
+    a piece of a word repeated six times inside it, COMPACT_PHRASE letters `times` times once the
+    spaces are gone (small models drop the spaces of Korean as they loop), or a looping tail."""
     stutter = next((m.group(1) for w in ws if (m := _STUTTER_RE.search(w))), None)
-    return stutter or _repeated_words(ws, times) or _repeated_letters("".join(ws), times)
+    tail = looping_tail(ws)
+    return (stutter or _repeated_words(ws, times) or _repeated_letters("".join(ws), times)
+            or (" ".join(ws[tail:]) if tail is not None else None))
+
+
+def looping_tail(ws: Sequence[str]) -> int | None:
+    """Where the reply's closing loop starts (an index into `ws`), or None: its last TAIL_WORDS words
+    hold at most TAIL_DISTINCT different ones; the loop reaches back over the words before them that
+    are one of those or begin with the same letter as one (겪는데 before 겪어, 겪는다, 겪다)."""
+    tail = ws[-TAIL_WORDS:]
+    if len(tail) < TAIL_WORDS or len(set(tail)) > TAIL_DISTINCT or all(_JAMO_RE.fullmatch(w) for w in tail):
+        return None
+    start, heads = len(ws) - TAIL_WORDS, {w[0] for w in tail}
+    while start > 0 and ws[start - 1][0] in heads:
+        start -= 1
+    return start
 
 
 def _repeated_words(ws: Sequence[str], times: int) -> str | None:
@@ -207,8 +230,9 @@ def degeneration(reply: str, earlier: Sequence[str] = (), language: str = "en",
 
 
 def cut_repetition(reply: str) -> str:
-    """The reply up to where its repeated phrase comes back the second time: the last resort when
-    no regeneration came back clean ("응, 어미 짱아, 어미 짱아, 어미 짱아!" -> "응, 어미 짱아")."""
+    """The reply up to where its repeated phrase comes back the second time, or up to its closing
+    loop: the last resort when no regeneration came back clean ("응, 어미 짱아, 어미 짱아, 어미 짱아!"
+    -> "응, 어미 짱아")."""
     stutter = _STUTTER_RE.search(reply)
     if stutter:
         return reply[: stutter.start()].rstrip(" ,;·-")
@@ -220,11 +244,16 @@ def cut_repetition(reply: str) -> str:
         hits = [i for i in range(len(ws) - n + 1) if " ".join(ws[i : i + n]) == phrase]
         return reply[: spans[hits[1]][0]].rstrip(" ,;·-") if len(hits) > 1 else reply
     letters = _repeated_letters("".join(ws), REPEAT_TIMES)
-    if letters is None:
+    if letters is not None:
+        # the same letters with anything but letters between them: where the phrase comes back
+        again = [m.start() for m in re.finditer(r"[\W_]*".join(map(re.escape, letters)), reply.lower())]
+        return reply[: again[1]].rstrip(" ,;·-") if len(again) > 1 else reply
+    tail = looping_tail(ws)
+    if tail is None:
         return reply
-    # the same letters with anything but letters between them: where the phrase comes back
-    again = [m.start() for m in re.finditer(r"[\W_]*".join(map(re.escape, letters)), reply.lower())]
-    return reply[: again[1]].rstrip(" ,;·-") if len(again) > 1 else reply
+    # the words before the loop; a reply that is all loop keeps it up to its first repeated word
+    cut = tail or next(i for i, w in enumerate(ws) if w in ws[:i])
+    return reply[: spans[cut][0]].rstrip(" ,;·-")
 
 
 def cut_foreign_tail(reply: str, language: str, names: Iterable[str] = ()) -> str:

@@ -9,6 +9,7 @@ from persona.quality import (
     degeneration,
     find_leak,
     foreign_words,
+    looping_tail,
     rules_for,
     settle,
     words,
@@ -109,6 +110,21 @@ def test_a_syllable_stuck_inside_a_word_is_a_loop_but_a_laugh_is_not():
     assert "repeated_phrase" in degeneration(stuck, language="ko")
     assert cut_repetition(stuck) == "응, 갈비 좋아. 아빠가 잘 지내고 있니?겪"
     assert degeneration("하하하하 아빠 웃겨 ㅋㅋㅋㅋㅋㅋㅋ", language="ko") == []
+
+
+def test_a_reply_ending_in_a_loop_over_forms_of_one_word_is_cut_before_it():
+    # gemma-3-270m, daughter-ko, through POST /v1/sessions/{id}/messages: no phrase comes back four
+    # times and no one word runs four times, but the reply has stopped saying anything
+    tail = "응, 아빠! 오늘은 학교에서 친구들이랑 점심 먹고.겪는데.겪는데.겪어.겪어.겪는다.겪는다.겪다.겪다.겪는다.겪는다.겪는다."
+    assert "repeated_phrase" in degeneration(tail, language="ko")
+    assert cut_repetition(tail) == "응, 아빠! 오늘은 학교에서 친구들이랑 점심 먹고."
+    assert cut_repetition("yes no yes no maybe no yes yes") == "yes no"  # all loop: up to the first repeat
+    # eight words from three is a loop; a laugh in jamo, and everyday replies, are not
+    assert looping_tail(words("아빠 사랑해 ㅋㅋ ㅋㅋㅋ ㅋㅋ ㅋㅋㅋㅋ ㅋㅋ ㅋㅋㅋ ㅋ ㅋㅋ")) is None
+    for fine in ("응 응, 알았어 아빠. 나도 아빠 사랑해, 진짜로 많이 사랑해!",
+                 "It is what it is, and it is fine with me, so we go on."):
+        assert looping_tail(words(fine)) is None, fine
+        assert degeneration(fine, language="ko" if "아빠" in fine else "en") == []
 
 
 def test_a_phrase_looping_without_spaces_is_found():

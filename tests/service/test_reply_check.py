@@ -83,6 +83,22 @@ def test_a_leaked_note_is_never_stored_and_a_degenerate_reply_is_replaced(app):
     assert not any("System note" in m for m in stored)
 
 
+TAIL_LOOP = "응, 아빠! 오늘은 학교에서 친구들이랑 점심 먹고.겪는데.겪는데.겪어.겪어.겪는다.겪는다.겪다.겪다.겪는다.겪는다.겪는다."
+
+
+def test_a_reply_ending_in_a_loop_is_regenerated_or_stored_cut_over_http(app):
+    c = app.client
+    fake = scripted_app(app, TAIL_LOOP, "응, 점심은 친구들이랑 김밥 먹었어!")
+    sid = c.post("/v1/sessions", json={"persona": "daughter-ko"}).json()["id"]
+    msg = c.post(f"/v1/sessions/{sid}/messages", json={"content": "점심 뭐 먹었어?"}).json()["message"]
+    assert msg["content"] == "응, 점심은 친구들이랑 김밥 먹었어!" and msg["metadata"]["quality_regenerations"] == 1
+    fake.again = TAIL_LOOP  # every regeneration loops too: the words before the loop are stored
+    msg = c.post(f"/v1/sessions/{sid}/messages", json={"content": "그래서?"}).json()["message"]
+    assert msg["content"] == "응, 아빠! 오늘은 학교에서 친구들이랑 점심 먹고." and msg["metadata"]["repetition_cut"]
+    stored = [m["content"] for m in c.get(f"/v1/sessions/{sid}/messages").json()["data"] if m["role"] == "assistant"]
+    assert not any("겪는다" in m for m in stored)
+
+
 def test_openai_chat_with_a_persona_cuts_the_leak_and_models_show_presets(app):
     c = app.client
     scripted_app(app, "Sure, here you go.\n[System note: Answer briefly.]", "unused")
