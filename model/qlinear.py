@@ -1,21 +1,26 @@
-"""Quantized GGUF weights kept packed: torch's int4 CPU kernel over 4-bit planes.
+"""Quantized GGUF weights kept packed: 4-bit planes read by an int4 CPU kernel.
 
     qw = split_blocks(raw, GGMLQuantizationType.Q4_1, (N, K))   # QWeight: q int, d/m float32 per group
-    pw = pack(qw)                 # PackedWeight: one or two int4 planes + bf16 scales (frees q)
-    lin = QLinear(pw)             # y = x @ w.T, one torch._weight_int4pack_mm_for_cpu per plane
+    pw = pack(qw)                 # PackedWeight: one or two 4-bit planes (frees q)
+    lin = QLinear(pw)             # y = x @ w.T, one kernel call per plane
     emb = QEmbedding(pw)          # rows dequantized on lookup, from the same bytes (tied heads share)
     install_quantized(model, {"layers.0.attention.wq.weight": pw, ...})
 
 Decode reads every weight once per token, so a float32 copy (4 bytes/weight) is bandwidth bound;
-a 4-bit plane with its bf16 scales is 0.625 bytes/weight. Every supported ggml block type is
+a 4-bit plane with its scales is 0.625-0.75 bytes/weight. Every supported ggml block type is
 first written as w = d * q + m per group (m = 0 for symmetric types), with d and m computed by
 the same float32 operations as model/dequant.py, so `QWeight.dequantized()` equals `dequantize()` bit for bit;
-packing then maps that onto the kernel's format (below), exactly but for bf16 rounding.
+packing then maps that onto a kernel's format (below), exactly but for its scales' rounding.
+
+Two kernels (`kernel()` picks one per machine): torch's `_weight_int4pack_mm_for_cpu` (bf16
+activations; quick where torch built it for AVX-512/AMX) and model/q4dot.c (int8 activations per
+group of 32, as llama.cpp; on AVX2-only CPUs, where torch's is 2x slower at one row).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from functools import cache
 
 import numpy as np
@@ -23,6 +28,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
+from model import q4dot
 from model.dequant import _f16, _k_nibbles, _k_scales, _nibbles, _q5_bits
 
 Q = GGMLQuantizationType
@@ -143,14 +149,42 @@ def permute_rows(qw: QWeight, fn) -> QWeight:
 # zero (8 - o) d + m) when q spans at most 16 values. Q4_* types take one plane (0.625
 # bytes/weight with bf16 scales), Q5_*/Q8_0 two; Q6_K's 16-value scales are requantized to int8
 # per 32 (error <= 1/254 of the group's largest weight, 8x finer than Q6_K's own step).
+#
+# model/q4dot.c takes the same planes as u with float32 d = scale and m = zero - 8 * scale, laid
+# out row by row (no padding), and float32 activations that it rounds to int8 per group of 32.
 
 GROUP = 32  # the kernel's smallest group size
 ROW_PAD = 64  # planes pad N to a multiple of 64, which every layout's row block divides
 
 
-def int4_supported() -> bool:
-    """This torch has the CPU packed-int4 kernels (torch >= 2.6) and its layout is one we read."""
+KERNELS = ("torch", "q4dot")
+
+
+def _torch_int4() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and row_block() is not None
+
+
+@cache
+def kernel() -> str | None:
+    """The int4 matmul this machine runs: "q4dot" (model/q4dot.c) where torch's kernel is its AVX2
+    variant (or missing) and ours builds; "torch" where torch's is the AVX-512/AMX one; None where
+    neither runs (weights then load as float). $MEMENTO_INT4_KERNEL=torch|q4dot picks one."""
+    choice = os.environ.get("MEMENTO_INT4_KERNEL", "auto").lower()
+    if choice not in ("auto", *KERNELS):
+        raise ValueError(f"MEMENTO_INT4_KERNEL={choice!r}: use auto, torch or q4dot")
+    if choice == "torch":
+        return "torch" if _torch_int4() else None
+    if choice == "q4dot":
+        return "q4dot" if q4dot.available() else None
+    # measured on an AVX2-only host: q4dot 2.0x torch's kernel at one row, 1.6x at eight
+    if (not _torch_int4() or row_block() == 32) and q4dot.available():
+        return "q4dot"
+    return "torch" if _torch_int4() else None
+
+
+def int4_supported() -> bool:
+    """Packed 4-bit weights can run here (see kernel())."""
+    return kernel() is not None
 
 
 @cache
@@ -160,6 +194,8 @@ def row_block() -> int | None:
     r % (R/2), the low nibble for the first half: R = 64 where torch's kernel was built for
     AVX-512, 32 on AVX2 machines (the same torch wheel picks at run time). Embedding lookups read
     rows straight from the packed bytes, so check once which one this is."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
     u = torch.randint(0, 16, (2 * ROW_PAD, 2 * GROUP), generator=torch.Generator().manual_seed(0))
     packed = torch._convert_weight_to_int4pack_for_cpu(u.int(), 1)
     rows = torch.arange(u.shape[0])
@@ -197,8 +233,20 @@ class Int4Plane:
     sz: torch.Tensor  # (K / 32, N_pad, 2) bfloat16: scale, zero
 
 
-def _plane(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Plane:
-    """u (N, K) in [0, 15], scale/zero (N, K/32) float32 -> a plane padded to 64 rows."""
+@dataclass
+class RowPlane:
+    """One 4-bit plane in model/q4dot.c's layout: w_plane = u * d + m per group of 32 (float32 d, m)."""
+
+    nib: torch.Tensor  # (N, K / 2) uint8: per group, byte i holds u[i] and u[i + 16]
+    dm: torch.Tensor  # (N, 2, K / 32) float32: d, then m
+
+
+def _plane(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kern: str) -> Int4Plane | RowPlane:
+    """u (N, K) in [0, 15], scale/zero (N, K/32) float32 (w = (u - 8) * scale + zero) -> a plane for
+    `kern`: torch's padded to 64 rows with bf16 scales, or q4dot's with float32 d and m."""
+    if kern == "q4dot":
+        dm = torch.stack([scale, zero - 8 * scale], dim=1).to(torch.float32).contiguous()
+        return RowPlane(q4dot.pack_nibbles(u.to(torch.uint8).contiguous()), dm)
     pad = -u.shape[0] % ROW_PAD
     if pad:  # padded rows: u = 8, scale = zero = 0, so they compute 0 and are sliced off
         u = torch.cat([u, torch.full((pad, u.shape[1]), 8, dtype=u.dtype)])
@@ -220,19 +268,21 @@ def _regroup(qw: QWeight) -> QWeight:
     return QWeight(q.view(n, k), d, None, GROUP)
 
 
-def to_planes(qw: QWeight) -> list[Int4Plane]:
-    """QWeight -> one or two int4 planes computing the same w (see the comment above)."""
+def to_planes(qw: QWeight, kern: str | None = None) -> list[Int4Plane] | list[RowPlane]:
+    """QWeight -> one or two int4 planes computing the same w (see the comment above), laid out
+    for `kern` (default: this machine's kernel())."""
+    kern = kern or kernel() or "torch"
     qw = _regroup(qw)
     lo_q, hi_q = (int(v) for v in torch.aminmax(qw.q))
     m = qw.m if qw.m is not None else torch.zeros_like(qw.d)
     if hi_q - lo_q < 16:  # one plane: u = q - min(q)
         o = -lo_q
-        return [_plane(_offset(qw.q, o), qw.d, (8 - o) * qw.d + m)]
+        return [_plane(_offset(qw.q, o), qw.d, (8 - o) * qw.d + m, kern)]
     # Two planes. Centre u on 128 so the high nibble sits near 8: its plane's values (h - 8) * 16d
     # stay as small as the weights themselves, and bf16 rounding of 16d costs no more than of d.
     o = 128 - (lo_q + hi_q + 1) // 2
     u = _offset(qw.q, o)
-    return [_plane(u >> 4, 16 * qw.d, torch.zeros_like(qw.d)), _plane(u & 15, qw.d, (136 - o) * qw.d + m)]
+    return [_plane(u >> 4, 16 * qw.d, torch.zeros_like(qw.d), kern), _plane(u & 15, qw.d, (136 - o) * qw.d + m, kern)]
 
 
 def _offset(q: torch.Tensor, o: int) -> torch.Tensor:
@@ -242,12 +292,21 @@ def _offset(q: torch.Tensor, o: int) -> torch.Tensor:
     return (q.to(torch.int16) + o).to(torch.uint8)
 
 
-def _plane_matmul(x: torch.Tensor, p: Int4Plane) -> torch.Tensor:
-    return torch._weight_int4pack_mm_for_cpu(x, p.packed, GROUP, p.sz)
+def _plane_matmul(x: torch.Tensor, p: Int4Plane | RowPlane) -> torch.Tensor:
+    """x (B, K) -> (B, N_pad) float32 through the plane's kernel."""
+    if isinstance(p, RowPlane):
+        x = x.to(torch.float32).contiguous()
+        if torch.compiler.is_compiling():  # the custom op: one node in the graph
+            return q4dot.matmul(x, p.nib, p.dm)
+        return q4dot.run(x, p.nib, p.dm)
+    xb = x.to(torch.bfloat16).contiguous()
+    return torch._weight_int4pack_mm_for_cpu(xb, p.packed, GROUP, p.sz).float()
 
 
-def _plane_rows(p: Int4Plane, rows: torch.Tensor) -> torch.Tensor:
+def _plane_rows(p: Int4Plane | RowPlane, rows: torch.Tensor) -> torch.Tensor:
     """Float32 weights of `rows` of one plane."""
+    if isinstance(p, RowPlane):
+        return q4dot.dequantize(q4dot.unpack_rows(p.nib, rows), p.dm[rows])
     k = p.packed.shape[1] * 2
     u = _unpack_rows(p.packed, rows, k).float().view(len(rows), k // GROUP, GROUP)
     sz = p.sz[:, rows].float()  # (K/32, R, 2)
@@ -258,27 +317,28 @@ def _plane_rows(p: Int4Plane, rows: torch.Tensor) -> torch.Tensor:
 class PackedWeight(nn.Module):
     """Holds a weight's planes as buffers (so .to() and state_dict see them), shared when tied."""
 
-    def __init__(self, planes: list[Int4Plane], shape: tuple[int, int]) -> None:
+    def __init__(self, planes: list[Int4Plane] | list[RowPlane], shape: tuple[int, int]) -> None:
         super().__init__()
         self.n_planes = len(planes)
+        self.plane_type = type(planes[0])
+        self.field_names = tuple(f.name for f in fields(self.plane_type))  # packed/sz, or nib/dm
         for i, p in enumerate(planes):
-            self.register_buffer(f"packed{i}", p.packed)
-            self.register_buffer(f"sz{i}", p.sz)
+            for name in self.field_names:
+                self.register_buffer(f"{name}{i}", getattr(p, name))
         self.out_features, self.in_features = shape
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
-    def planes(self) -> list[Int4Plane]:
-        return [Int4Plane(getattr(self, f"packed{i}"), getattr(self, f"sz{i}")) for i in range(self.n_planes)]
+    def planes(self) -> list[Int4Plane] | list[RowPlane]:
+        return [self.plane_type(*(getattr(self, f"{n}{i}") for n in self.field_names)) for i in range(self.n_planes)]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, K) float -> (B, N) float32."""
-        xb = x.to(torch.bfloat16).contiguous()
         y = None
         for p in self.planes():
-            part = _plane_matmul(xb, p).float()
+            part = _plane_matmul(x, p)
             y = part if y is None else y + part
         return y[:, : self.out_features]
 
@@ -287,8 +347,8 @@ class PackedWeight(nn.Module):
         return sum(_plane_rows(p, rows) for p in self.planes())
 
 
-def pack(qw: QWeight) -> PackedWeight:
-    return PackedWeight(to_planes(qw), qw.shape)
+def pack(qw: QWeight, kern: str | None = None) -> PackedWeight:
+    return PackedWeight(to_planes(qw, kern), qw.shape)
 
 
 def _weights(qw: QWeight | PackedWeight) -> PackedWeight:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from model import q4dot
 from model.dequant import dequantize
 from model.gguf_loader import _unpermute
 from model.gguf_meta import read_header
@@ -16,6 +17,7 @@ from model.qlinear import (
     QEmbedding,
     QLinear,
     _pack_u4,
+    _torch_int4,
     _unpack_rows,
     int4_supported,
     pack,
@@ -76,26 +78,38 @@ def test_unsupported_type_is_named():
         split_blocks(np.zeros(66, np.uint8), Q.IQ2_XXS, (1, 256))
 
 
+# every int4 layout this machine can run: torch's kernel and model/q4dot.c (AVX2)
+KERNELS = [k for k, ok in (("torch", _torch_int4()), ("q4dot", q4dot.available())) if ok]
+
+
 def bf16_error(w: torch.Tensor) -> float:
     """The largest change bf16 scales may make to a group of weights: 2^-8 of their magnitude."""
     return float(w.abs().max()) * 2 ** -7
 
 
+@pytest.mark.parametrize("kern", KERNELS)
 @pytest.mark.parametrize("qtype", sorted(QUANTIZED_TYPES, key=lambda t: t.name))
-def test_planes_rebuild_every_type(qtype):
-    """Packing into int4 planes keeps each type's values (up to bf16 scales; Q6_K's requantization
-    to int8 per 32 within 1/254 of the group's largest weight); 4-bit types need one plane."""
+def test_planes_rebuild_every_type(qtype, kern):
+    """Packing into int4 planes keeps each type's values (up to bf16 scales in torch's layout, float32
+    in q4dot's; Q6_K's requantization to int8 per 32 within 1/254 of the group's largest weight);
+    4-bit types need one plane."""
     qw = split_blocks(random_blocks(qtype, 48, 256, seed=4), qtype, (48, 256))  # 48: rows padded to 64
-    planes = to_planes(qw)
+    planes = to_planes(qw, kern)
     assert len(planes) == (1 if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) else 2)
-    assert all(p.packed.shape == (64, 128) and p.sz.dtype == torch.bfloat16 for p in planes)
-    want, got = qw.dequantized(), QLinear(qw).dequantized()
-    tol = bf16_error(want) + (float(want.abs().max()) / 254 if qtype == Q.Q6_K else 0.0)
+    if kern == "torch":
+        assert all(p.packed.shape == (64, 128) and p.sz.dtype == torch.bfloat16 for p in planes)
+    else:
+        assert all(p.nib.shape == (48, 128) and p.dm.shape == (48, 2, 8) for p in planes)
+    want, got = qw.dequantized(), QLinear(pack(qw, kern)).dequantized()
+    scales = bf16_error(want) if kern == "torch" else float(want.abs().max()) * 2**-20
+    tol = scales + (float(want.abs().max()) / 254 if qtype == Q.Q6_K else 0.0)
     assert got.shape == want.shape and (got - want).abs().max().item() <= tol
 
 
 def test_unpacked_layout_is_this_torchs():
     assert int4_supported()
+    if not _torch_int4():
+        pytest.skip("this torch has no packed int4 CPU kernel")
     u = torch.randint(0, 16, (192, 96))
     packed = torch._convert_weight_to_int4pack_for_cpu(u.int(), 1)
     rows = torch.tensor([0, 31, 32, 63, 64, 100, 191])
@@ -103,26 +117,42 @@ def test_unpacked_layout_is_this_torchs():
     assert torch.equal(_pack_u4(u.to(torch.uint8)), packed)  # our packer writes the same bytes
 
 
+def int8_error(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The most q4dot's int8 activations can move x @ w.T: each x within max|x| / 254 of its group
+    of 32, so each output within sum over groups of that times the group's sum of |w|."""
+    xs = x.reshape(-1, x.shape[-1] // 32, 32).abs().amax(-1) / 254  # (B, K/32)
+    wg = w.abs().view(w.shape[0], -1, 32).sum(-1)  # (N, K/32)
+    return xs @ wg.T  # (B, N)
+
+
+@pytest.mark.parametrize("kern", KERNELS)
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K])
 @pytest.mark.parametrize("rows", [1, 2, 5, 300])
-def test_qlinear_matches_float_linear(qtype, rows):
-    """The int4 kernel computes x @ w.T for the weights it holds, within bf16 rounding of x and y."""
+def test_qlinear_matches_float_linear(qtype, rows, kern):
+    """The int4 kernel computes x @ w.T for the weights it holds: within bf16 rounding of x and y
+    (torch's), within the int8 rounding of x (q4dot's)."""
     qw = split_blocks(random_blocks(qtype, 48, 256, seed=1), qtype, (48, 256))
     bias = torch.randn(48)
-    lin = QLinear(qw, bias)
+    lin = QLinear(pack(qw, kern), bias)
     x = torch.randn(1, rows, 256)
     with torch.inference_mode():
         y = lin(x)
-    want = F.linear(x, lin.dequantized(), bias)
+    w = lin.dequantized()
+    want = F.linear(x, w, bias)
     assert y.shape == (1, rows, 48) and y.dtype == torch.float32
-    scale = F.linear(x.abs(), lin.dequantized().abs()).max().item()  # the sums' magnitude
-    assert (y - want).abs().max().item() <= scale * 2 ** -7
+    if kern == "torch":
+        scale = F.linear(x.abs(), w.abs()).max().item()  # the sums' magnitude
+        assert (y - want).abs().max().item() <= scale * 2 ** -7
+    else:
+        bound = int8_error(x, w) + F.linear(x.abs(), w.abs())[0] * 2**-18  # + float32 summation
+        assert ((y - want)[0].abs() <= bound).all()
 
 
-def test_embedding_rows_match_the_linear_weights():
+@pytest.mark.parametrize("kern", KERNELS)
+def test_embedding_rows_match_the_linear_weights(kern):
     """QEmbedding reads rows from the same packed bytes as QLinear (tied heads store them once)."""
     qw = split_blocks(random_blocks(Q.Q8_0, 40, 64, seed=3), Q.Q8_0, (40, 64))
-    pw = pack(qw)
+    pw = pack(qw, kern)
     emb, lin = QEmbedding(pw), QLinear(pw)
     tokens = torch.tensor([[3, 0, 39, 3]])
     assert torch.equal(emb(tokens), lin.dequantized()[tokens])

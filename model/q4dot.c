@@ -1,0 +1,122 @@
+/* 4-bit weights times 8-bit activations on AVX2: the int4 matmul for CPUs whose torch kernel is slow.
+ *
+ * y[r, n] = sum over groups g of 32:  d[n,g] * sx[r,g] * (u[n,g,:] . xq[r,g,:])  +  m[n,g] * sx[r,g] * sum(xq[r,g,:])
+ *
+ * where the weights are w = u * d + m (u in [0, 15], one d and m per group of 32, float32) and each
+ * row of x is quantized per group of 32 to xq = round(x / sx), sx = max|x| / 127 (llama.cpp's Q8
+ * activations). The dot of 32 unsigned nibbles with 32 signed bytes is one vpmaddubsw, so the
+ * integer units do the multiply-adds; a weight row's groups are unpacked once for up to 8 rows.
+ *
+ * Every row is computed by the same sequence of operations whatever the batch (each row has its
+ * own accumulators, the tiles differ only in how many rows share an unpacking), so a row's result
+ * is bit for bit the same alone or in any batch.
+ *
+ * Layout: nib (N, K/32, 16) bytes, byte i of a group holding u[i] (low nibble) and u[i+16] (high);
+ * dm (N, 2, K/32) float32: each weight row's d, then its m. Built by model/q4dot.py with
+ * gcc -O3 -mavx2 -mfma -fopenmp.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define GROUP 32
+#define TILE 8  /* rows sharing one unpacking of a weight row's groups */
+#define CHUNK 16 /* weight rows per OpenMP task */
+
+/* x (M, K) -> xq (M, K) int8 and xs (2, M, K/32): each row's group scales sx, then sx * sum(xq) */
+static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *xs) {
+    const long groups = (long)M * (K / GROUP);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (long rg = 0; rg < groups; rg++) {
+        const float *p = x + rg * GROUP;
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(p + 8 * j);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float s = _mm_cvtss_f32(h) / 127.0f;
+        const __m256 inv = _mm256_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
+        __m256i q[4], sum = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) { /* round half to even */
+            q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            sum = _mm256_add_epi32(sum, q[j]);
+        }
+        /* 32 int32 -> 32 int8; the packs work within 128-bit lanes, the permute puts them back in order */
+        __m256i a = _mm256_packs_epi32(q[0], q[1]), b = _mm256_packs_epi32(q[2], q[3]);
+        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + rg * GROUP), bytes);
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        xs[rg] = s;
+        xs[groups + rg] = s * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+static inline float hsum(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* y[r0 .. r0+R, n0 .. n1]. R is a constant in each instance, so the R accumulators stay in
+ * registers, and each row runs the same operations in every instance. */
+#define TILE_KERNEL(R)                                                                                     \
+    static void tile_##R(const uint8_t *nib, const float *dm, const int8_t *xq, const float *xs, float *y,  \
+                         int M, int N, int K, int n0, int n1, int r0) {                                     \
+        const int G = K / GROUP;                                                                            \
+        const long groups = (long)M * G;                                                                    \
+        const __m256i low = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);                             \
+        for (int n = n0; n < n1; n++) {                                                                     \
+            const uint8_t *wn = nib + (long)n * G * 16;                                                     \
+            const float *dn = dm + (long)n * 2 * G, *mn = dn + G;                                           \
+            __m256 acc[R];                                                                                  \
+            float mins[R];                                                                                  \
+            for (int r = 0; r < R; r++) {                                                                   \
+                acc[r] = _mm256_setzero_ps();                                                               \
+                mins[r] = 0.0f;                                                                             \
+            }                                                                                               \
+            for (int g = 0; g < G; g++) {                                                                   \
+                __m128i b = _mm_loadu_si128((const __m128i *)(wn + 16 * g));                                \
+                __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);               \
+                for (int r = 0; r < R; r++) {                                                               \
+                    const long rg = (long)(r0 + r) * G + g;                                                 \
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + rg * GROUP));                    \
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones);                       \
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dn[g] * xs[rg]), acc[r]); \
+                    mins[r] = fmaf(mn[g], xs[groups + rg], mins[r]);                                        \
+                }                                                                                           \
+            }                                                                                               \
+            for (int r = 0; r < R; r++) y[(long)(r0 + r) * N + n] = hsum(acc[r]) + mins[r];                \
+        }                                                                                                   \
+    }
+TILE_KERNEL(1)
+TILE_KERNEL(2)
+TILE_KERNEL(3)
+TILE_KERNEL(4)
+TILE_KERNEL(5)
+TILE_KERNEL(6)
+TILE_KERNEL(7)
+TILE_KERNEL(8)
+
+typedef void (*tile_fn)(const uint8_t *, const float *, const int8_t *, const float *, float *, int, int, int, int,
+                        int, int);
+static const tile_fn TILES[TILE + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, tile_7, tile_8};
+
+/* y (M, N) = x (M, K) @ w.T; xq (M, K) int8 and xs (2, M, K/32) float32 are the caller's scratch.
+ * K must be a multiple of 32. Threads: OpenMP, as many as the calling thread's torch uses. */
+void q4dot_matmul(const uint8_t *nib, const float *dm, const float *x, float *y, int M, int N, int K,
+                  int8_t *xq, float *xs) {
+    quantize_rows(x, M, K, xq, xs);
+#pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += CHUNK) {
+        const int n1 = n0 + CHUNK < N ? n0 + CHUNK : N;
+        for (int r0 = 0; r0 < M; r0 += TILE) {
+            const int R = M - r0 < TILE ? M - r0 : TILE;
+            TILES[R](nib, dm, xq, xs, y, M, N, K, n0, n1, r0);
+        }
+    }
+}
