@@ -2,7 +2,7 @@
  *
  * y[r, n] = sum over groups g of 32:  d[n,g] * sx[r,g] * (u[n,g,:] . xq[r,g,:])  +  m[n,g] * sx[r,g] * sum(xq[r,g,:])
  *
- * where the weights are w = u * d + m (u in [0, 15], one d and m per group of 32, float32) and each
+ * where the weights are w = u * d + m (u in [0, 15], one d and m per group of 32, float16) and each
  * row of x is quantized per group of 32 to xq = round(x / sx), sx = max|x| / 127 (llama.cpp's Q8
  * activations). The dot of 32 unsigned nibbles with 32 signed bytes is one vpmaddubsw, so the
  * integer units do the multiply-adds; a weight row's groups are unpacked once for up to 8 rows.
@@ -12,8 +12,9 @@
  * is bit for bit the same alone or in any batch.
  *
  * Layout: nib (N, K/32, 16) bytes, byte i of a group holding u[i] (low nibble) and u[i+16] (high);
- * dm (N, 2, K/32) float32: each weight row's d, then its m. Built by model/q4dot.py with
- * gcc -O3 -mavx2 -mfma -fopenmp.
+ * dm (N, 2, K/32) float16 (GGUF's own scales are float16, so Q4_0/Q4_1/Q8_0 lose nothing, and the
+ * weights stay within 1.12x of a Q4_0 file): each weight row's d, then its m. Built by
+ * model/q4dot.py with gcc -O3 -mavx2 -mfma -mf16c -fopenmp.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -65,14 +66,14 @@ static inline float hsum(__m256 v) {
 /* y[r0 .. r0+R, n0 .. n1]. R is a constant in each instance, so the R accumulators stay in
  * registers, and each row runs the same operations in every instance. */
 #define TILE_KERNEL(R)                                                                                     \
-    static void tile_##R(const uint8_t *nib, const float *dm, const int8_t *xq, const float *xs, float *y,  \
+    static void tile_##R(const uint8_t *nib, const uint16_t *dm, const int8_t *xq, const float *xs, float *y,  \
                          int M, int N, int K, int n0, int n1, int r0) {                                     \
         const int G = K / GROUP;                                                                            \
         const long groups = (long)M * G;                                                                    \
         const __m256i low = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);                             \
         for (int n = n0; n < n1; n++) {                                                                     \
             const uint8_t *wn = nib + (long)n * G * 16;                                                     \
-            const float *dn = dm + (long)n * 2 * G, *mn = dn + G;                                           \
+            const uint16_t *dn = dm + (long)n * 2 * G, *mn = dn + G;                                           \
             __m256 acc[R];                                                                                  \
             float mins[R];                                                                                  \
             for (int r = 0; r < R; r++) {                                                                   \
@@ -82,12 +83,13 @@ static inline float hsum(__m256 v) {
             for (int g = 0; g < G; g++) {                                                                   \
                 __m128i b = _mm_loadu_si128((const __m128i *)(wn + 16 * g));                                \
                 __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);               \
+                const float d = _cvtsh_ss(dn[g]), m = _cvtsh_ss(mn[g]);                                     \
                 for (int r = 0; r < R; r++) {                                                               \
                     const long rg = (long)(r0 + r) * G + g;                                                 \
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + rg * GROUP));                    \
                     __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones);                       \
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dn[g] * xs[rg]), acc[r]); \
-                    mins[r] = fmaf(mn[g], xs[groups + rg], mins[r]);                                        \
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[rg]), acc[r]);     \
+                    mins[r] = fmaf(m, xs[groups + rg], mins[r]);                                            \
                 }                                                                                           \
             }                                                                                               \
             for (int r = 0; r < R; r++) y[(long)(r0 + r) * N + n] = hsum(acc[r]) + mins[r];                \
@@ -102,13 +104,13 @@ TILE_KERNEL(6)
 TILE_KERNEL(7)
 TILE_KERNEL(8)
 
-typedef void (*tile_fn)(const uint8_t *, const float *, const int8_t *, const float *, float *, int, int, int, int,
+typedef void (*tile_fn)(const uint8_t *, const uint16_t *, const int8_t *, const float *, float *, int, int, int, int,
                         int, int);
 static const tile_fn TILES[TILE + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, tile_7, tile_8};
 
 /* y (M, N) = x (M, K) @ w.T; xq (M, K) int8 and xs (2, M, K/32) float32 are the caller's scratch.
  * K must be a multiple of 32. Threads: OpenMP, as many as the calling thread's torch uses. */
-void q4dot_matmul(const uint8_t *nib, const float *dm, const float *x, float *y, int M, int N, int K,
+void q4dot_matmul(const uint8_t *nib, const uint16_t *dm, const float *x, float *y, int M, int N, int K,
                   int8_t *xq, float *xs) {
     quantize_rows(x, M, K, xq, xs);
 #pragma omp parallel for schedule(static)

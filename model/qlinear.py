@@ -235,17 +235,17 @@ class Int4Plane:
 
 @dataclass
 class RowPlane:
-    """One 4-bit plane in model/q4dot.c's layout: w_plane = u * d + m per group of 32 (float32 d, m)."""
+    """One 4-bit plane in model/q4dot.c's layout: w_plane = u * d + m per group of 32 (float16 d, m)."""
 
     nib: torch.Tensor  # (N, K / 2) uint8: per group, byte i holds u[i] and u[i + 16]
-    dm: torch.Tensor  # (N, 2, K / 32) float32: d, then m
+    dm: torch.Tensor  # (N, 2, K / 32) float16: d, then m
 
 
 def _plane(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kern: str) -> Int4Plane | RowPlane:
     """u (N, K) in [0, 15], scale/zero (N, K/32) float32 (w = (u - 8) * scale + zero) -> a plane for
-    `kern`: torch's padded to 64 rows with bf16 scales, or q4dot's with float32 d and m."""
+    `kern`: torch's padded to 64 rows with bf16 scales, or q4dot's with float16 d and m."""
     if kern == "q4dot":
-        dm = torch.stack([scale, zero - 8 * scale], dim=1).to(torch.float32).contiguous()
+        dm = torch.stack([scale, zero - 8 * scale], dim=1).to(torch.float16).contiguous()
         return RowPlane(q4dot.pack_nibbles(u.to(torch.uint8).contiguous()), dm)
     pad = -u.shape[0] % ROW_PAD
     if pad:  # padded rows: u = 8, scale = zero = 0, so they compute 0 and are sliced off

@@ -19,7 +19,7 @@ def random_plane(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     g = torch.Generator().manual_seed(seed)
     u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     dm = torch.stack([torch.rand(n, k // 32, generator=g) * 0.02, torch.rand(n, k // 32, generator=g) * 0.2 - 0.1], 1)
-    return u, dm.contiguous()
+    return u, dm.half().contiguous()
 
 
 @pytest.mark.parametrize("n, k", [(200, 576), (37, 96), (16, 256), (5, 1536)])  # groups per row not always 8n

@@ -22,7 +22,7 @@ def test_real_model_session_turns(real_app):
     c = real_app.client
     sid = c.post("/v1/sessions", json={}).json()["id"]
     first = c.post(f"/v1/sessions/{sid}/messages",
-                   json={"content": "What is the capital of France?", "temperature": 0}).json()
+                   json={"content": "What is the name of the capital of France?", "temperature": 0}).json()
     assert "Paris" in first["message"]["content"]
     second = c.post(f"/v1/sessions/{sid}/messages",
                     json={"content": "And of Germany?", "temperature": 0}).json()
@@ -41,7 +41,7 @@ def test_real_model_openai_stream(real_app):
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=real_app.client, max_retries=0)
     stream = client.chat.completions.create(
         model="smollm2-135m-instruct",  # a wording that is no near-tie (tests/service/test_cli.py)
-        messages=[{"role": "user", "content": "Which city is the capital of France?"}],
+        messages=[{"role": "user", "content": "What is the name of the capital of France?"}],
         temperature=0, max_tokens=16, stream=True, stream_options={"include_usage": True},
     )
     chunks = list(stream)
