@@ -13,7 +13,7 @@
  *
  * Layout: nib (N, K/32, 16) bytes, byte i of a group holding u[i] (low nibble) and u[i+16] (high);
  * dm (N, 2, K/32) float16 (GGUF's own scales are float16, so Q4_0/Q4_1/Q8_0 lose nothing, and the
- * weights stay within 1.12x of a Q4_0 file): each weight row's d, then its m. Built by
+ * weights stay within 1.11x of a Q4_0 file): each weight row's d, then its m. Built by
  * model/q4dot.py with gcc -O3 -mavx2 -mfma -mf16c -fopenmp.
  */
 #include <immintrin.h>
@@ -66,34 +66,34 @@ static inline float hsum(__m256 v) {
 /* y[r0 .. r0+R, n0 .. n1]. R is a constant in each instance, so the R accumulators stay in
  * registers, and each row runs the same operations in every instance. */
 #define TILE_KERNEL(R)                                                                                     \
-    static void tile_##R(const uint8_t *nib, const uint16_t *dm, const int8_t *xq, const float *xs, float *y,  \
-                         int M, int N, int K, int n0, int n1, int r0) {                                     \
-        const int G = K / GROUP;                                                                            \
-        const long groups = (long)M * G;                                                                    \
-        const __m256i low = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);                             \
-        for (int n = n0; n < n1; n++) {                                                                     \
-            const uint8_t *wn = nib + (long)n * G * 16;                                                     \
-            const uint16_t *dn = dm + (long)n * 2 * G, *mn = dn + G;                                           \
-            __m256 acc[R];                                                                                  \
-            float mins[R];                                                                                  \
-            for (int r = 0; r < R; r++) {                                                                   \
-                acc[r] = _mm256_setzero_ps();                                                               \
-                mins[r] = 0.0f;                                                                             \
-            }                                                                                               \
-            for (int g = 0; g < G; g++) {                                                                   \
-                __m128i b = _mm_loadu_si128((const __m128i *)(wn + 16 * g));                                \
-                __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);               \
-                const float d = _cvtsh_ss(dn[g]), m = _cvtsh_ss(mn[g]);                                     \
-                for (int r = 0; r < R; r++) {                                                               \
-                    const long rg = (long)(r0 + r) * G + g;                                                 \
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + rg * GROUP));                    \
-                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones);                       \
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[rg]), acc[r]);     \
-                    mins[r] = fmaf(m, xs[groups + rg], mins[r]);                                            \
-                }                                                                                           \
-            }                                                                                               \
+    static void tile_##R(const uint8_t *nib, const uint16_t *dm, const int8_t *xq, const float *xs, float *y, \
+                         int M, int N, int K, int n0, int n1, int r0) {                                    \
+        const int G = K / GROUP;                                                                           \
+        const long groups = (long)M * G;                                                                   \
+        const __m256i low = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);                            \
+        for (int n = n0; n < n1; n++) {                                                                    \
+            const uint8_t *wn = nib + (long)n * G * 16;                                                    \
+            const uint16_t *dn = dm + (long)n * 2 * G, *mn = dn + G;                                       \
+            __m256 acc[R];                                                                                 \
+            float mins[R];                                                                                 \
+            for (int r = 0; r < R; r++) {                                                                  \
+                acc[r] = _mm256_setzero_ps();                                                              \
+                mins[r] = 0.0f;                                                                            \
+            }                                                                                              \
+            for (int g = 0; g < G; g++) {                                                                  \
+                __m128i b = _mm_loadu_si128((const __m128i *)(wn + 16 * g));                               \
+                __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);              \
+                const float d = _cvtsh_ss(dn[g]), m = _cvtsh_ss(mn[g]);                                    \
+                for (int r = 0; r < R; r++) {                                                              \
+                    const long rg = (long)(r0 + r) * G + g;                                                \
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + rg * GROUP));                   \
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones);                      \
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[rg]), acc[r]);   \
+                    mins[r] = fmaf(m, xs[groups + rg], mins[r]);                                           \
+                }                                                                                          \
+            }                                                                                              \
             for (int r = 0; r < R; r++) y[(long)(r0 + r) * N + n] = hsum(acc[r]) + mins[r];                \
-        }                                                                                                   \
+        }                                                                                                  \
     }
 TILE_KERNEL(1)
 TILE_KERNEL(2)

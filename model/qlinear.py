@@ -246,6 +246,8 @@ def _plane(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kern: str) 
     `kern`: torch's padded to 64 rows with bf16 scales, or q4dot's with float16 d and m."""
     if kern == "q4dot":
         dm = torch.stack([scale, zero - 8 * scale], dim=1).to(torch.float16).contiguous()
+        if not torch.isfinite(dm).all():  # GGUF's scales are float16 already; a converted one could exceed it
+            raise ValueError("a weight scale is beyond float16's range; set MEMENTO_INT4_KERNEL=torch")
         return RowPlane(q4dot.pack_nibbles(u.to(torch.uint8).contiguous()), dm)
     pad = -u.shape[0] % ROW_PAD
     if pad:  # padded rows: u = 8, scale = zero = 0, so they compute 0 and are sliced off
