@@ -105,15 +105,16 @@ class PagedBatch:
         y = torch.empty_like(q)
         if dec_tok is not None:
             B, S = dec_idx.shape
-            kk = kp[dec_idx.reshape(-1)].view(B, S, *kp.shape[1:]).transpose(1, 2)  # (B, n_kv, S, hd)
-            vv = vp[dec_idx.reshape(-1)].view(B, S, *vp.shape[1:]).transpose(1, 2)
+            flat = dec_idx.reshape(-1)  # index_select, not kp[flat]: 4x quicker on CPU for the same copy
+            kk = kp.index_select(0, flat).view(B, S, *kp.shape[1:]).transpose(1, 2)  # (B, n_kv, S, hd)
+            vv = vp.index_select(0, flat).view(B, S, *vp.shape[1:]).transpose(1, 2)
             qd = q[0][:, dec_tok].transpose(0, 1)[:, :, None]  # (B, H, 1, hd)
             yd = F.scaled_dot_product_attention(qd.to(kk.dtype), kk, vv, attn_mask=dec_mask, scale=scale,
                                                 enable_gqa=True)  # (B, H, 1, hd)
             y[0][:, dec_tok] = yd[:, :, 0].transpose(0, 1).to(y.dtype)
         for a, b, ids, mask in pre:
-            kk = kp[ids].transpose(0, 1)[None]  # (1, n_kv, S, hd)
-            vv = vp[ids].transpose(0, 1)[None]
+            kk = kp.index_select(0, ids).transpose(0, 1)[None]  # (1, n_kv, S, hd)
+            vv = vp.index_select(0, ids).transpose(0, 1)[None]
             yr = F.scaled_dot_product_attention(q[:, :, a:b].to(kk.dtype), kk, vv, attn_mask=mask, scale=scale,
                                                 enable_gqa=True)  # (1, H, T, hd)
             y[:, :, a:b] = yr.to(y.dtype)
