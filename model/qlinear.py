@@ -150,7 +150,7 @@ def permute_rows(qw: QWeight, fn) -> QWeight:
 # bytes/weight with bf16 scales), Q5_*/Q8_0 two; Q6_K's 16-value scales are requantized to int8
 # per 32 (error <= 1/254 of the group's largest weight, 8x finer than Q6_K's own step).
 #
-# model/q4dot.c takes the same planes as u with float32 d = scale and m = zero - 8 * scale, laid
+# model/q4dot.c takes the same planes as u with float16 d = scale and m = zero - 8 * scale, laid
 # out row by row (no padding), and float32 activations that it rounds to int8 per group of 32.
 
 GROUP = 32  # the kernel's smallest group size
