@@ -105,7 +105,7 @@ class PagedBatch:
         y = torch.empty_like(q)
         if dec_tok is not None:
             B, S = dec_idx.shape
-            flat = dec_idx.reshape(-1)  # index_select, not kp[flat]: 4x quicker on CPU for the same copy
+            flat = dec_idx.reshape(-1)  # index_select, not kp[flat]: the same copy, 2-4x quicker on CPU
             kk = kp.index_select(0, flat).view(B, S, *kp.shape[1:]).transpose(1, 2)  # (B, n_kv, S, hd)
             vv = vp.index_select(0, flat).view(B, S, *vp.shape[1:]).transpose(1, 2)
             qd = q[0][:, dec_tok].transpose(0, 1)[:, :, None]  # (B, H, 1, hd)
