@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("memento.leases")
 
 DEFAULT_TTL_MS = 3_000  # renewed every second while held; a dead holder frees the name within 3 s
+RELEASE_WAIT_S = 0.5  # a release on a healthy store takes milliseconds
 
 
 class Lease:
@@ -51,13 +52,29 @@ class Lease:
                 log.warning("could not renew lease %s", self.name, exc_info=True)
 
     def release(self) -> None:
+        """Free the name (idempotent). On a healthy store this returns once it is free, so the
+        holder's client finds the session free on its next turn. On a hung store the call would
+        take the store's whole timeout (4 s on Redis: two 2 s reads), and the caller is usually
+        sending a 503 for that same outage: so it waits at most RELEASE_WAIT_S and the release
+        finishes in the background, retried while the TTL lasts."""
         if self._done.is_set():
             return
         self._done.set()
-        if not self._try_release():
-            # the store is down: keep trying while the TTL lasts, so the name is free as soon as it
-            # is back rather than only when the lease expires
-            threading.Thread(target=self._release_later, name=f"release {self.name}", daemon=True).start()
+        finisher = threading.Thread(target=self._release_until_done, name=f"release {self.name}", daemon=True)
+        finisher.start()
+        finisher.join(RELEASE_WAIT_S)
+
+    def _release_until_done(self) -> None:
+        if self._try_release():
+            return
+        # the store is down: keep trying while the TTL lasts, so the name is free as soon as it
+        # is back rather than only when the lease expires
+        deadline = time.monotonic() + self.ttl_ms / 1000
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if self._try_release():
+                return
+        log.warning("could not release lease %s; it expired instead", self.name)
 
     def _try_release(self) -> bool:
         try:
@@ -65,11 +82,3 @@ class Lease:
             return True
         except StoreError:
             return False
-
-    def _release_later(self) -> None:
-        deadline = time.monotonic() + self.ttl_ms / 1000
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            if self._try_release():
-                return
-        log.warning("could not release lease %s; it expired instead", self.name)

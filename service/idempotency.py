@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from memory.types import Message
@@ -46,8 +47,14 @@ def find(messages: list[Message], key: str) -> tuple[int | None, Message | None]
 
 async def wait_for_reply(
     rt: Any, session_id: str, key: str, content: str
-) -> tuple[list[Message], int | None, Message | None]:
-    """Look up `key`; while a turn holds the session's claim (maybe the first try, not yet stored), wait."""
+) -> tuple[list[Message], int | None, Message | None, Callable[[], None] | None]:
+    """Look up `key`; while a turn holds the session's claim (maybe the first try, not yet stored), wait.
+
+    Returns (transcript, index of the user message or None, the stored reply or None, claim). With no
+    reply, `claim` is this session's one-turn claim, held: the caller starts its turn with it
+    (`start_turn(..., claim=claim)`) or releases it. Handing over the claim that found the session
+    free, rather than releasing it and claiming again, is what keeps two concurrent tries of one key
+    from both seeing it free (or each seeing the other's brief look as a running turn)."""
     deadline = time.monotonic() + rt.settings.request_timeout
     while True:
         messages = await asyncio.to_thread(rt.store.list_messages, session_id)
@@ -56,11 +63,19 @@ async def wait_for_reply(
             raise APIError(409, f"Idempotency-Key {key!r} was used for a different message in this session",
                            param="Idempotency-Key", code="idempotency_key_reused")
         if reply is not None:
-            return messages, at, reply
-        release = rt.in_flight.claim(session_id)
-        if release is not None:  # nothing running: a new key, or the first try died before its reply
-            release()
-            return messages, at, None
+            return messages, at, reply, None
+        claim = await asyncio.to_thread(rt.in_flight.claim, session_id)  # a store call: off the event loop
+        if claim is not None:  # nothing running: a new key, or the first try died before its reply
+            try:  # the first try may have stored its reply and finished between our look and our claim
+                messages = await asyncio.to_thread(rt.store.list_messages, session_id)
+                at, reply = find(messages, key)
+            except BaseException:
+                await asyncio.to_thread(claim)
+                raise
+            if reply is not None:
+                await asyncio.to_thread(claim)
+                return messages, at, reply, None
+            return messages, at, None, claim
         if time.monotonic() > deadline:
             raise APIError(504, "timed out waiting for the first try of this Idempotency-Key", code="timeout")
         await asyncio.sleep(WAIT_POLL)

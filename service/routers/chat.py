@@ -97,9 +97,9 @@ async def chat_completions(
         session = await run_in_threadpool(session_for, conv, body, user, session_id, persona)
         text = body.messages[-1].text()
         key = idempotency.check_key(request.headers.get("idempotency-key"), "Idempotency-Key")
-        history = None
-        if key is not None:
-            transcript, at, stored = await idempotency.wait_for_reply(rt, session.id, key, text)
+        history, claim = None, None
+        if key is not None:  # with no stored reply, `claim` is the session's turn claim, held for start_turn
+            transcript, at, stored, claim = await idempotency.wait_for_reply(rt, session.id, key, text)
             history = transcript[:at] if at is not None and stored is None else None
 
         def prepare() -> Prepared:
@@ -109,7 +109,7 @@ async def chat_completions(
             return prep
 
     else:
-        session = None
+        session, claim = None, None
         messages = chat_messages(body.messages)  # several/mid-chat system messages, names (SillyTavern)
 
         def prepare() -> Prepared:
@@ -120,7 +120,8 @@ async def chat_completions(
     outcomes = []
     for j in range(n if stored is None else 0):  # n choices: seeds seed + j; the scheduler batches them
         choice_sampling = replace(sampling, seed=seeded(sampling.seed, j))
-        outcomes.append(start_turn(rt, conv, sid, prepare, choice_sampling, bool(body.stream), owner=user))
+        outcomes.append(start_turn(rt, conv, sid, prepare, choice_sampling, bool(body.stream), owner=user,
+                                   claim=claim))
     if stored is not None:
         outcomes.append(idempotency.stored_outcome(stored, bool(body.stream)))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_name}

@@ -87,7 +87,7 @@ async def _again(session_id: str, message_id: str, body: GenerateAgain | None, u
     body = body or GenerateAgain()
     ops = ChatOps(conv)
     session = await run_in_threadpool(conv.get_session, session_id, user)
-    release = rt.in_flight.claim(session.id)
+    release = await run_in_threadpool(rt.in_flight.claim, session.id)
     if release is None:
         raise _busy(session_id)
     try:
@@ -101,7 +101,7 @@ async def _again(session_id: str, message_id: str, body: GenerateAgain | None, u
             return sse.response(native_stream(items))
         result = await run_job(rt.worker, job, timeout=timeout, on_done=release, owner=user)
     except BaseException:
-        release()
+        await run_in_threadpool(release)
         raise
     return turn_out(result)
 

@@ -109,32 +109,23 @@ async def post_message(
 ) -> Any:
     check_length(rt, body.content, "content")
     key = idempotency.check_key(idempotency_key or body.message_id, "Idempotency-Key" if idempotency_key else "message_id")
-    session = await run_in_threadpool(conv.get_session, session_id, user)
-    history = None
-    if key is not None:  # a retry: the stored reply, or the first try's once it finishes
-        messages, at, reply = await idempotency.wait_for_reply(rt, session.id, key, body.content)
-        if reply is not None:
-            return replayed(reply, body.stream)
-        history = messages[:at] if at is not None else None  # the user turn is stored: answer it once
     sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop_list())
     sampling.extra = sampling_extra(rt.tokenizer.vocab_size, body.presence_penalty, body.frequency_penalty, body.logit_bias, None)
     sampling.extra.update(body.sampler_overrides())
+    session = await run_in_threadpool(conv.get_session, session_id, user)
+    history, claim = None, None
+    if key is not None:  # a retry: the stored reply, or the first try's once it finishes
+        messages, at, reply, claim = await idempotency.wait_for_reply(rt, session.id, key, body.content)
+        if reply is not None:
+            return replayed(reply, body.stream)
+        history = messages[:at] if at is not None else None  # the user turn is stored: answer it once
 
     def prepare() -> Prepared:
         prep = conv.prepare(session, body.content, max_tokens=body.max_tokens, history=history)
         prep.message_id = key
         return prep
 
-    try:
-        outcome = await start_turn(rt, conv, session.id, prepare, sampling, body.stream, owner=user)
-    except APIError as exc:
-        if key is None or exc.code != "session_busy":
-            raise
-        # two tries of one key at once: the second joins the first (waits for its stored reply)
-        _, _, reply = await idempotency.wait_for_reply(rt, session.id, key, body.content)
-        if reply is None:
-            raise
-        return replayed(reply, body.stream)
+    outcome = await start_turn(rt, conv, session.id, prepare, sampling, body.stream, owner=user, claim=claim)
     if body.stream:
         return sse.response(native_stream(outcome))
     return turn_out(outcome)
@@ -142,15 +133,22 @@ async def post_message(
 
 async def start_turn(
     rt: Any, conv: Any, session_id: str | None, prepare: Callable[[], Prepared], sampling: Sampling, stream: bool,
-    owner: str = "",
+    owner: str = "", claim: Callable[[], None] | None = None,
 ) -> Any:
     """Prepare off the event loop and submit to the worker: the stream's items, or the TurnResult.
     `owner` (the authenticated user) is the unit of fair admission and of KV-cache scoping.
 
     One turn per session at a time (`session_id` None: stateless, no claim): a concurrent second
-    turn gets 409 rather than interleaving the transcript. The claim ends with the worker job.
+    turn gets 409 rather than interleaving the transcript. The claim (taken here, or `claim`, one
+    already held: idempotency.wait_for_reply's) ends with the worker job.
     """
-    release = rt.in_flight.claim(session_id) if session_id is not None else (lambda: None)
+    # the claim and its release are store calls: off the event loop, which a hung store would freeze
+    if claim is not None:
+        release = claim
+    elif session_id is None:
+        release = lambda: None  # noqa: E731
+    else:
+        release = await run_in_threadpool(rt.in_flight.claim, session_id)
     if release is None:
         raise APIError(
             409, f"session {session_id!r} is already answering a message; retry when it is done",
@@ -167,7 +165,7 @@ async def start_turn(
             return open_stream(rt.worker, job, keepalive=keepalive, timeout=timeout, on_done=release, owner=owner)
         return await run_job(rt.worker, job, timeout=timeout, on_done=release, owner=owner)
     except BaseException:
-        release()  # not submitted (or failed): free the session now; a second release is harmless
+        await run_in_threadpool(release)  # not submitted (or failed): free it now; a second release is harmless
         raise
 
 

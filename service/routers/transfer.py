@@ -38,14 +38,14 @@ async def import_chat(session_id: str, request: Request, user: UserDep, conv: Co
         raise APIError(413, f"the chat is {len(body)} bytes; the limit is {MAX_IMPORT_BYTES}", param="body", code="chat_too_large")
     transfers = Transfers(conv)
     session = await run_in_threadpool(transfers.session_for_import, session_id, user)
-    release = rt.in_flight.claim(session.id)
+    release = await run_in_threadpool(rt.in_flight.claim, session.id)
     if release is None:
         raise APIError(409, f"session {session_id!r} is answering a message; import when it is done",
                        param="session_id", code="session_busy", headers={"Retry-After": "1"})
     try:
         return await run_in_threadpool(transfers.import_chat, session, body)
     finally:
-        release()
+        await run_in_threadpool(release)
 
 
 @router.get("/{session_id}/export")

@@ -139,6 +139,25 @@ def test_redis_killed_during_traffic_fails_fast_and_recovers(
     assert traffic.slowest_failure < FAIL_FAST_S
 
 
+def test_releasing_a_lease_on_a_hung_redis_does_not_wait_out_its_timeout(private_redis: PrivateRedis):
+    """A turn that failed on a hung Redis released its session's lease on the reply's path, so
+    its 503 waited for a second 4 s timeout (8.09 s in CI). The release now finishes behind it."""
+    from memory.leases import Lease
+    from memory.redis_store import RedisStore
+
+    store = RedisStore(private_redis.url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    lease = Lease.acquire(store, "turn:hung", ttl_ms=10_000)
+    assert lease is not None
+    private_redis.pause()
+    started = time.monotonic()
+    lease.release()
+    waited = time.monotonic() - started
+    private_redis.resume()
+    assert waited < 2.0, f"release took {waited:.2f} s on a hung store (one Redis read times out at 2 s)"
+    # the name is free again long before the 10 s TTL could have freed it
+    wait_until(lambda: store.acquire_lease("turn:hung", 10_000) is not None, 6, "the release landed")
+
+
 def start_chroma(path, port: int) -> subprocess.Popen:
     exe = shutil.which("chroma") or str(
         __import__("pathlib").Path(__import__("sys").executable).parent / "chroma"
