@@ -57,18 +57,13 @@ async def wait_for_reply(
     from both seeing it free (or each seeing the other's brief look as a running turn)."""
     deadline = time.monotonic() + rt.settings.request_timeout
     while True:
-        messages = await asyncio.to_thread(rt.store.list_messages, session_id)
-        at, reply = find(messages, key)
-        if at is not None and messages[at].content != content:
-            raise APIError(409, f"Idempotency-Key {key!r} was used for a different message in this session",
-                           param="Idempotency-Key", code="idempotency_key_reused")
+        messages, at, reply = await _look(rt, session_id, key, content)
         if reply is not None:
             return messages, at, reply, None
         claim = await asyncio.to_thread(rt.in_flight.claim, session_id)  # a store call: off the event loop
         if claim is not None:  # nothing running: a new key, or the first try died before its reply
             try:  # the first try may have stored its reply and finished between our look and our claim
-                messages = await asyncio.to_thread(rt.store.list_messages, session_id)
-                at, reply = find(messages, key)
+                messages, at, reply = await _look(rt, session_id, key, content)
             except BaseException:
                 await asyncio.to_thread(claim)
                 raise
@@ -79,6 +74,16 @@ async def wait_for_reply(
         if time.monotonic() > deadline:
             raise APIError(504, "timed out waiting for the first try of this Idempotency-Key", code="timeout")
         await asyncio.sleep(WAIT_POLL)
+
+
+async def _look(rt: Any, session_id: str, key: str, content: str) -> tuple[list[Message], int | None, Message | None]:
+    """The transcript, where `key`'s user message is and its reply; 409 if the key names other content."""
+    messages = await asyncio.to_thread(rt.store.list_messages, session_id)
+    at, reply = find(messages, key)
+    if at is not None and messages[at].content != content:
+        raise APIError(409, f"Idempotency-Key {key!r} was used for a different message in this session",
+                       param="Idempotency-Key", code="idempotency_key_reused")
+    return messages, at, reply
 
 
 def stored_outcome(reply: Message, stream: bool) -> Any:
