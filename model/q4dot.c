@@ -1,19 +1,23 @@
-/* 4-bit weights times 8-bit activations on AVX2: the int4 matmul for CPUs whose torch kernel is slow.
+/* 4- and 8-bit weights times 8-bit activations on AVX2: the quantized matmul for CPUs whose torch
+ * int4 kernel is slow.
  *
  * y[r, n] = sum over groups g of 32:  d[n,g] * sx[r,g] * (u[n,g,:] . xq[r,g,:])  +  m[n,g] * sx[r,g] * sum(xq[r,g,:])
  *
- * where the weights are w = u * d + m (u in [0, 15], one d and m per group of 32, float16) and each
- * row of x is quantized per group of 32 to xq = round(x / sx), sx = max|x| / 127 (llama.cpp's Q8
- * activations). The dot of 32 unsigned nibbles with 32 signed bytes is one vpmaddubsw, so the
- * integer units do the multiply-adds; a weight row's groups are unpacked once for up to 8 rows.
+ * where the weights are w = u * d + m (one d and m per group of 32, float16; u in [0, 15] for
+ * 4-bit weights, in [-128, 127] for 8-bit ones) and each row of x is quantized per group of 32 to
+ * xq = round(x / sx), sx = max|x| / 127 (llama.cpp's Q8 activations). The dot of 32 unsigned bytes
+ * with 32 signed bytes is one vpmaddubsw, so the integer units do the multiply-adds; a weight row's
+ * groups are loaded (and unpacked) once for up to 8 rows. 8-bit weights (GGUF's Q8_0, the tied
+ * output head of small models) take one pass instead of two 4-bit planes.
  *
  * Every row is computed by the same sequence of operations whatever the batch (each row has its
  * own accumulators, the tiles differ only in how many rows share an unpacking), so a row's result
  * is bit for bit the same alone or in any batch.
  *
- * Layout: nib (N, K/32, 16) bytes, byte i of a group holding u[i] (low nibble) and u[i+16] (high);
- * dm (N, 2, K/32) float16 (GGUF's own scales are float16, so Q4_0/Q4_1/Q8_0 lose nothing, and the
- * weights stay within 1.11x of a Q4_0 file): each weight row's d, then its m. Built by
+ * Layout: 4-bit nib (N, K/32, 16) bytes, byte i of a group holding u[i] (low nibble) and u[i+16]
+ * (high); 8-bit q (N, K) int8; dm (N, 2, K/32) float16, each weight row's d, then its m (GGUF's
+ * own scales are float16, so Q4_0/Q4_1/Q8_0 lose nothing, and 4-bit weights stay within 1.11x of
+ * a Q4_0 file, 8-bit ones within 1.06x of a Q8_0 file). Built by
  * model/q4dot.py with gcc -O3 -mavx2 -mfma -mf16c -fopenmp.
  */
 #include <immintrin.h>
@@ -63,16 +67,33 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* y[r0 .. r0+R, n0 .. n1]. R is a constant in each instance, so the R accumulators stay in
- * registers, and each row runs the same operations in every instance. */
-#define TILE_KERNEL(R)                                                                                     \
-    static void tile_##R(const uint8_t *nib, const uint16_t *dm, const int8_t *xq, const float *xs, float *y, \
-                         int M, int N, int K, int n0, int n1, int r0) {                                    \
+/* How a tile reads a weight row's group g (BYTES bytes each) and forms the 16-bit pair products
+ * of its 32 weights with a row's 32 int8 activations xv (vpmaddubsw: unsigned x signed):
+ * - 4-bit: u in [0, 15], byte i holding u[i] and u[i + 16], so u . xv directly;
+ * - 8-bit: q in [-128, 127]; |q| . (xv with q's sign) equals q . xv (llama.cpp's trick), and a
+ *   pair sums to at most 2 * 128 * 127 = 32512, so the 16-bit sums never saturate. */
+#define U4_BYTES 16
+#define U4_LOAD(wn, g)                                                                                     \
+    __m128i b = _mm_loadu_si128((const __m128i *)((wn) + U4_BYTES * (g)));                                 \
+    __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0xF));
+#define U4_PAIRS(xv) _mm256_maddubs_epi16(u, xv)
+#define Q8_BYTES 32
+#define Q8_LOAD(wn, g)                                                                                     \
+    __m256i w = _mm256_loadu_si256((const __m256i *)((wn) + Q8_BYTES * (g)));                              \
+    __m256i aw = _mm256_sign_epi8(w, w);
+#define Q8_PAIRS(xv) _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w))
+
+/* y[r0 .. r0+R, n0 .. n1] for weights of kind KIND (U4 or Q8). R is a constant in each instance,
+ * so the R accumulators stay in registers, and each row runs the same operations in every
+ * instance. */
+#define TILE_KERNEL(KIND, R)                                                                               \
+    static void KIND##_tile_##R(const uint8_t *wq, const uint16_t *dm, const int8_t *xq, const float *xs,  \
+                                float *y, int M, int N, int K, int n0, int n1, int r0) {                   \
         const int G = K / GROUP;                                                                           \
         const long groups = (long)M * G;                                                                   \
-        const __m256i low = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);                            \
+        const __m256i ones = _mm256_set1_epi16(1);                                                         \
         for (int n = n0; n < n1; n++) {                                                                    \
-            const uint8_t *wn = nib + (long)n * G * 16;                                                    \
+            const uint8_t *wn = wq + (long)n * G * KIND##_BYTES;                                           \
             const uint16_t *dn = dm + (long)n * 2 * G, *mn = dn + G;                                       \
             __m256 acc[R];                                                                                 \
             float mins[R];                                                                                 \
@@ -81,13 +102,12 @@ static inline float hsum(__m256 v) {
                 mins[r] = 0.0f;                                                                            \
             }                                                                                              \
             for (int g = 0; g < G; g++) {                                                                  \
-                __m128i b = _mm_loadu_si128((const __m128i *)(wn + 16 * g));                               \
-                __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);              \
+                KIND##_LOAD(wn, g)                                                                         \
                 const float d = _cvtsh_ss(dn[g]), m = _cvtsh_ss(mn[g]);                                    \
                 for (int r = 0; r < R; r++) {                                                              \
                     const long rg = (long)(r0 + r) * G + g;                                                \
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + rg * GROUP));                   \
-                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones);                      \
+                    __m256i p = _mm256_madd_epi16(KIND##_PAIRS(xv), ones);                                 \
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[rg]), acc[r]);   \
                     mins[r] = fmaf(m, xs[groups + rg], mins[r]);                                           \
                 }                                                                                          \
@@ -95,30 +115,41 @@ static inline float hsum(__m256 v) {
             for (int r = 0; r < R; r++) y[(long)(r0 + r) * N + n] = hsum(acc[r]) + mins[r];                \
         }                                                                                                  \
     }
-TILE_KERNEL(1)
-TILE_KERNEL(2)
-TILE_KERNEL(3)
-TILE_KERNEL(4)
-TILE_KERNEL(5)
-TILE_KERNEL(6)
-TILE_KERNEL(7)
-TILE_KERNEL(8)
+#define TILE_KERNELS(KIND)                                                                                 \
+    TILE_KERNEL(KIND, 1) TILE_KERNEL(KIND, 2) TILE_KERNEL(KIND, 3) TILE_KERNEL(KIND, 4)                    \
+    TILE_KERNEL(KIND, 5) TILE_KERNEL(KIND, 6) TILE_KERNEL(KIND, 7) TILE_KERNEL(KIND, 8)
+TILE_KERNELS(U4)
+TILE_KERNELS(Q8)
 
 typedef void (*tile_fn)(const uint8_t *, const uint16_t *, const int8_t *, const float *, float *, int, int, int, int,
                         int, int);
-static const tile_fn TILES[TILE + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, tile_7, tile_8};
+static const tile_fn U4_TILES[TILE + 1] = {0, U4_tile_1, U4_tile_2, U4_tile_3, U4_tile_4,
+                                           U4_tile_5, U4_tile_6, U4_tile_7, U4_tile_8};
+static const tile_fn Q8_TILES[TILE + 1] = {0, Q8_tile_1, Q8_tile_2, Q8_tile_3, Q8_tile_4,
+                                           Q8_tile_5, Q8_tile_6, Q8_tile_7, Q8_tile_8};
 
-/* y (M, N) = x (M, K) @ w.T; xq (M, K) int8 and xs (2, M, K/32) float32 are the caller's scratch.
- * K must be a multiple of 32. Threads: OpenMP, as many as the calling thread's torch uses. */
-void q4dot_matmul(const uint8_t *nib, const uint16_t *dm, const float *x, float *y, int M, int N, int K,
-                  int8_t *xq, float *xs) {
+static void matmul(const tile_fn *tiles, const uint8_t *wq, const uint16_t *dm, const float *x, float *y, int M,
+                   int N, int K, int8_t *xq, float *xs) {
     quantize_rows(x, M, K, xq, xs);
 #pragma omp parallel for schedule(static)
     for (int n0 = 0; n0 < N; n0 += CHUNK) {
         const int n1 = n0 + CHUNK < N ? n0 + CHUNK : N;
         for (int r0 = 0; r0 < M; r0 += TILE) {
             const int R = M - r0 < TILE ? M - r0 : TILE;
-            TILES[R](nib, dm, xq, xs, y, M, N, K, n0, n1, r0);
+            tiles[R](wq, dm, xq, xs, y, M, N, K, n0, n1, r0);
         }
     }
+}
+
+/* y (M, N) = x (M, K) @ w.T; xq (M, K) int8 and xs (2, M, K/32) float32 are the caller's scratch.
+ * K must be a multiple of 32. Threads: OpenMP, as many as the calling thread's torch uses.
+ * q4dot_matmul: nib (N, K/32, 16) 4-bit weights; q8dot_matmul: q (N, K) int8 weights. */
+void q4dot_matmul(const uint8_t *nib, const uint16_t *dm, const float *x, float *y, int M, int N, int K,
+                  int8_t *xq, float *xs) {
+    matmul(U4_TILES, nib, dm, x, y, M, N, K, xq, xs);
+}
+
+void q8dot_matmul(const int8_t *q, const uint16_t *dm, const float *x, float *y, int M, int N, int K,
+                  int8_t *xq, float *xs) {
+    matmul(Q8_TILES, (const uint8_t *)q, dm, x, y, M, N, K, xq, xs);
 }

@@ -1,7 +1,7 @@
 """Quantized GGUF weights kept packed: 4-bit planes read by an int4 CPU kernel.
 
     qw = split_blocks(raw, GGMLQuantizationType.Q4_1, (N, K))   # QWeight: q int, d/m float32 per group
-    pw = pack(qw)                 # PackedWeight: one or two 4-bit planes (frees q)
+    pw = pack(qw)                 # PackedWeight: one or two 4-bit planes, or one int8 (frees q)
     lin = QLinear(pw)             # y = x @ w.T, one kernel call per plane
     emb = QEmbedding(pw)          # rows dequantized on lookup, from the same bytes (tied heads share)
     install_quantized(model, {"layers.0.attention.wq.weight": pw, ...})
@@ -14,7 +14,8 @@ packing then maps that onto a kernel's format (below), exactly but for its scale
 
 Two kernels (`kernel()` picks one per machine): torch's `_weight_int4pack_mm_for_cpu` (bf16
 activations; quick where torch built it for AVX-512/AMX) and model/q4dot.c (int8 activations per
-group of 32, as llama.cpp; on AVX2-only CPUs, where torch's is 2x slower at one row).
+group of 32, as llama.cpp; on AVX2-only CPUs, where torch's is 2x slower at one row; it reads
+5-8 bit types as one int8 plane).
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def permute_rows(qw: QWeight, fn) -> QWeight:
 #
 # model/q4dot.c takes the same planes as u with float16 d = scale and m = zero - 8 * scale, laid
 # out row by row (no padding), and float32 activations that it rounds to int8 per group of 32.
+# It also reads 8-bit integers directly, so for it the 5-8 bit types are one int8 plane
+# (w = q * d + m, 1.06x a Q8_0 file) rather than two 4-bit ones: one pass over the weights.
 
 GROUP = 32  # the kernel's smallest group size
 ROW_PAD = 64  # planes pad N to a multiple of 64, which every layout's row block divides
@@ -241,14 +244,22 @@ class RowPlane:
     dm: torch.Tensor  # (N, 2, K / 32) float16: d, then m
 
 
+@dataclass
+class Int8RowPlane:
+    """8-bit weights in model/q4dot.c's layout, read in one pass: w = q * d + m per group of 32."""
+
+    q: torch.Tensor  # (N, K) int8
+    dm: torch.Tensor  # (N, 2, K / 32) float16: d, then m
+
+
+Plane = Int4Plane | RowPlane | Int8RowPlane
+
+
 def _plane(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kern: str) -> Int4Plane | RowPlane:
     """u (N, K) in [0, 15], scale/zero (N, K/32) float32 (w = (u - 8) * scale + zero) -> a plane for
     `kern`: torch's padded to 64 rows with bf16 scales, or q4dot's with float16 d and m."""
     if kern == "q4dot":
-        dm = torch.stack([scale, zero - 8 * scale], dim=1).to(torch.float16).contiguous()
-        if not torch.isfinite(dm).all():  # GGUF's scales are float16 already; a converted one could exceed it
-            raise ValueError("a weight scale is beyond float16's range; set MEMENTO_INT4_KERNEL=torch")
-        return RowPlane(q4dot.pack_nibbles(u.to(torch.uint8).contiguous()), dm)
+        return RowPlane(q4dot.pack_nibbles(u.to(torch.uint8).contiguous()), _row_scales(scale, zero - 8 * scale))
     pad = -u.shape[0] % ROW_PAD
     if pad:  # padded rows: u = 8, scale = zero = 0, so they compute 0 and are sliced off
         u = torch.cat([u, torch.full((pad, u.shape[1]), 8, dtype=u.dtype)])
@@ -256,6 +267,14 @@ def _plane(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kern: str) 
     packed = _pack_u4(u.to(torch.uint8))
     sz = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()
     return Int4Plane(packed, sz)
+
+
+def _row_scales(d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """q4dot's dm (N, 2, K/32) float16 from d and m (N, K/32) float32."""
+    dm = torch.stack([d, m], dim=1).to(torch.float16).contiguous()
+    if not torch.isfinite(dm).all():  # GGUF's scales are float16 already; a converted one could exceed it
+        raise ValueError("a weight scale is beyond float16's range; set MEMENTO_INT4_KERNEL=torch")
+    return dm
 
 
 def _regroup(qw: QWeight) -> QWeight:
@@ -270,9 +289,9 @@ def _regroup(qw: QWeight) -> QWeight:
     return QWeight(q.view(n, k), d, None, GROUP)
 
 
-def to_planes(qw: QWeight, kern: str | None = None) -> list[Int4Plane] | list[RowPlane]:
+def to_planes(qw: QWeight, kern: str | None = None) -> list[Plane]:
     """QWeight -> one or two int4 planes computing the same w (see the comment above), laid out
-    for `kern` (default: this machine's kernel())."""
+    for `kern` (default: this machine's kernel()); for q4dot, 5-8 bit types one int8 plane."""
     kern = kern or kernel() or "torch"
     qw = _regroup(qw)
     lo_q, hi_q = (int(v) for v in torch.aminmax(qw.q))
@@ -280,6 +299,8 @@ def to_planes(qw: QWeight, kern: str | None = None) -> list[Int4Plane] | list[Ro
     if hi_q - lo_q < 16:  # one plane: u = q - min(q)
         o = -lo_q
         return [_plane(_offset(qw.q, o), qw.d, (8 - o) * qw.d + m, kern)]
+    if kern == "q4dot" and -128 <= lo_q and hi_q <= 127:
+        return [Int8RowPlane(qw.q.to(torch.int8).contiguous(), _row_scales(qw.d, m))]
     # Two planes. Centre u on 128 so the high nibble sits near 8: its plane's values (h - 8) * 16d
     # stay as small as the weights themselves, and bf16 rounding of 16d costs no more than of d.
     o = 128 - (lo_q + hi_q + 1) // 2
@@ -294,21 +315,24 @@ def _offset(q: torch.Tensor, o: int) -> torch.Tensor:
     return (q.to(torch.int16) + o).to(torch.uint8)
 
 
-def _plane_matmul(x: torch.Tensor, p: Int4Plane | RowPlane) -> torch.Tensor:
+def _plane_matmul(x: torch.Tensor, p: Plane) -> torch.Tensor:
     """x (B, K) -> (B, N_pad) float32 through the plane's kernel."""
-    if isinstance(p, RowPlane):
+    if isinstance(p, (RowPlane, Int8RowPlane)):
         x = x.to(torch.float32).contiguous()
+        w = p.nib if isinstance(p, RowPlane) else p.q
         if torch.compiler.is_compiling():  # the custom op: one node in the graph
-            return q4dot.matmul(x, p.nib, p.dm)
-        return q4dot.run(x, p.nib, p.dm)
+            return q4dot.matmul(x, w, p.dm)
+        return q4dot.run(x, w, p.dm)
     xb = x.to(torch.bfloat16).contiguous()
     return torch._weight_int4pack_mm_for_cpu(xb, p.packed, GROUP, p.sz).float()
 
 
-def _plane_rows(p: Int4Plane | RowPlane, rows: torch.Tensor) -> torch.Tensor:
+def _plane_rows(p: Plane, rows: torch.Tensor) -> torch.Tensor:
     """Float32 weights of `rows` of one plane."""
     if isinstance(p, RowPlane):
         return q4dot.dequantize(q4dot.unpack_rows(p.nib, rows), p.dm[rows])
+    if isinstance(p, Int8RowPlane):
+        return q4dot.dequantize(p.q[rows], p.dm[rows])
     k = p.packed.shape[1] * 2
     u = _unpack_rows(p.packed, rows, k).float().view(len(rows), k // GROUP, GROUP)
     sz = p.sz[:, rows].float()  # (K/32, R, 2)
@@ -319,11 +343,11 @@ def _plane_rows(p: Int4Plane | RowPlane, rows: torch.Tensor) -> torch.Tensor:
 class PackedWeight(nn.Module):
     """Holds a weight's planes as buffers (so .to() and state_dict see them), shared when tied."""
 
-    def __init__(self, planes: list[Int4Plane] | list[RowPlane], shape: tuple[int, int]) -> None:
+    def __init__(self, planes: list[Plane], shape: tuple[int, int]) -> None:
         super().__init__()
         self.n_planes = len(planes)
         self.plane_type = type(planes[0])
-        self.field_names = tuple(f.name for f in fields(self.plane_type))  # packed/sz, or nib/dm
+        self.field_names = tuple(f.name for f in fields(self.plane_type))  # packed/sz, nib/dm or q/dm
         for i, p in enumerate(planes):
             for name in self.field_names:
                 self.register_buffer(f"{name}{i}", getattr(p, name))
@@ -333,7 +357,7 @@ class PackedWeight(nn.Module):
     def shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
-    def planes(self) -> list[Int4Plane] | list[RowPlane]:
+    def planes(self) -> list[Plane]:
         return [self.plane_type(*(getattr(self, f"{n}{i}") for n in self.field_names)) for i in range(self.n_planes)]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:

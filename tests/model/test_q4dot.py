@@ -12,36 +12,64 @@ from tests.model.test_engine import ids, tiny_lm
 from tests.model.test_qlinear import KERNELS, int8_error
 from tests.model.test_scheduler import ATOL, alone, drain, new_seq
 
-pytestmark = pytest.mark.skipif(not q4dot.available(), reason="no AVX2 + FMA, or no C compiler")
+# where it can be built it must pass its self-check: a kernel that disagrees fails here, not skips
+pytestmark = pytest.mark.skipif(not q4dot.buildable(), reason="no AVX2 + FMA + F16C, or no C compiler")
 
 
-def random_plane(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def test_the_kernel_builds_and_passes_its_self_check():
+    assert q4dot.available()
+
+
+def random_plane(n: int, k: int, seed: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight values u ([0, 15] as uint8, or [-128, 127] as int8) and their float16 d, m."""
     g = torch.Generator().manual_seed(seed)
-    u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    dm = torch.stack([torch.rand(n, k // 32, generator=g) * 0.02, torch.rand(n, k // 32, generator=g) * 0.2 - 0.1], 1)
+    if bits == 4:
+        u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    else:  # the extremes included: |-128| * 127 twice is the largest pair sum vpmaddubsw sees
+        u = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8)
+        u[0, :2], u[-1, -2:] = -128, 127
+    scale = 0.02 if bits == 4 else 0.02 / 16
+    dm = torch.stack([torch.rand(n, k // 32, generator=g) * scale, torch.rand(n, k // 32, generator=g) * 0.2 - 0.1], 1)
     return u, dm.half().contiguous()
 
 
+def held(u: torch.Tensor) -> torch.Tensor:
+    """The weights as the kernel takes them: nibbles for 4-bit values, int8 as they are."""
+    return q4dot.pack_nibbles(u) if u.dtype == torch.uint8 else u
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n, k", [(200, 576), (37, 96), (16, 256), (5, 1536)])  # groups per row not always 8n
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 17])
-def test_matmul_is_within_the_int8_rounding_of_its_activations(n, k, m):
-    u, dm = random_plane(n, k, seed=n + k)
+def test_matmul_is_within_the_int8_rounding_of_its_activations(n, k, m, bits):
+    u, dm = random_plane(n, k, seed=n + k, bits=bits)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * torch.linspace(0.1, 3, k)
+    x[0, :32] = torch.tensor([-1.0, 1.0] * 16) * 5  # activations at +-127 against the weights' extremes
     w = q4dot.dequantize(u, dm)
-    y = q4dot.run(x, q4dot.pack_nibbles(u), dm)
+    y = q4dot.run(x, held(u), dm)
     bound = int8_error(x, w) + (x.abs() @ w.abs().T) * 2**-18  # + float32 summation
     assert y.shape == (m, n) and ((y - x @ w.T).abs() <= bound).all()
-    assert torch.equal(q4dot.unpack_rows(q4dot.pack_nibbles(u), torch.arange(n)), u)
+    if bits == 4:
+        assert torch.equal(q4dot.unpack_rows(q4dot.pack_nibbles(u), torch.arange(n)), u)
 
 
-def test_a_row_gives_the_same_bits_alone_and_in_any_batch():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(bits):
     """Each row is quantized and summed on its own: batching never changes a token's logits."""
-    u, dm = random_plane(300, 576, seed=1)
-    nib = q4dot.pack_nibbles(u)
+    u, dm = random_plane(300, 576, seed=1, bits=bits)
+    w = held(u)
     x = torch.randn(17, 576, generator=torch.Generator().manual_seed(2))
-    full = q4dot.run(x, nib, dm)
+    full = q4dot.run(x, w, dm)
     for rows in ([0], [3, 4], list(range(8)), list(range(5, 17))):
-        assert torch.equal(q4dot.run(x[rows], nib, dm), full[rows]), rows
+        assert torch.equal(q4dot.run(x[rows], w, dm), full[rows]), rows
+
+
+def test_weights_that_do_not_fit_x_are_named():
+    u, dm = random_plane(16, 64, seed=5, bits=8)
+    with pytest.raises(ValueError, match=r"want \(N, K/2\) uint8 or \(N, K\) int8"):
+        q4dot.run(torch.randn(2, 64), u.view(torch.uint8), dm)  # int8 bytes passed as nibbles: K/2 != 64
+    with pytest.raises(ValueError, match="do not fit"):
+        q4dot.run(torch.randn(2, 64), u.to(torch.int32), dm)
 
 
 def test_a_compiled_graph_holds_the_kernel_as_one_op():
