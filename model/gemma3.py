@@ -20,7 +20,7 @@ from torch import nn
 
 from model.config import ModelArgs
 from model.kv_cache import KVCache
-from model.llama import Attention, Transformer
+from model.llama import Attention, FeedForward, Transformer
 
 
 class GemmaRMSNorm(nn.Module):
@@ -45,17 +45,12 @@ class GemmaAttention(Attention):
         return self.q_norm(q), self.k_norm(k)  # per head, over head_dim
 
 
-class GemmaFeedForward(nn.Module):
+class GemmaFeedForward(FeedForward):
     """GeGLU: w2(gelu_tanh(w1 x) * w3 x)."""
 
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.gelu(self.w1(x), approximate="tanh") * self.w3(x))
+        gate, up = self.gate_up(x)
+        return self.w2(F.gelu(gate, approximate="tanh") * up)
 
 
 class GemmaBlock(nn.Module):

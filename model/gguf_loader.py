@@ -11,9 +11,8 @@ what llama.cpp's converter did so our HF-layout model reproduces transformers' l
 
 from __future__ import annotations
 
-import ctypes
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +22,7 @@ import torch
 from model.config import ModelArgs, ModelLoadError
 from model.dequant import SUPPORTED_TYPES, dequantize
 from model.gguf_meta import GGUFHeader, read_header
-from model.qlinear import QUANTIZED_TYPES, QWeight, pack, permute_rows, split_blocks
+from model.qlinear import QUANTIZED_TYPES, QWeight, pack, permute_rows, release_freed_memory, split_blocks
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
@@ -152,17 +151,6 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 T = TypeVar("T")
 
 
-def _libc_trim() -> Callable[[], None]:
-    """glibc keeps freed heap memory mapped (RSS stays at the load's peak); malloc_trim gives it
-    back. A no-op where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return lambda: libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        return lambda: None
-
-
-release_freed_memory = _libc_trim()
 
 
 def progress_iter(items: Iterable[T], total: int, description: str, enabled: bool) -> Iterator[T]:

@@ -56,6 +56,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.wqkv = None  # q, k and v in one matmul where model/qlinear.py can fuse them
+        self.qkv_sizes = (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim,
+                          args.n_kv_heads * args.head_dim)
         if args.qk_norm and args.family == "llama":  # Qwen3 (Gemma's own norms: model/gemma3.py)
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
@@ -68,9 +71,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, cache: KVCache | None, kv_len: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = self.qk_norm(q, k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if getattr(cache, "paged", False):  # many sequences in one forward (model/paged_attention.py)
@@ -93,9 +100,16 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # gate
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # up
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
+        self.w13 = None  # gate and up in one matmul where model/qlinear.py can fuse them
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.w13 is not None:
+            return self.w13(x).chunk(2, dim=-1)
+        return self.w1(x), self.w3(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.gate_up(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):

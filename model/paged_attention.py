@@ -4,7 +4,8 @@ The scheduler packs every row's new tokens into one (1, N) input: decode rows fe
 prefill rows a chunk. Every linear layer then runs once over all N tokens (one GEMM per weight
 per step). Attention is the only per-sequence part; `attend` does it in two groups:
 
-- decode rows (one query each) together: their visible slots are gathered into a padded
+- decode rows (one query each) together: on AVX2 CPUs with a float32 pool model/decode_attention.c
+  reads each row's slots in place; elsewhere their visible slots are gathered into a padded
   (B, n_kv, S, head_dim) tensor and one masked SDPA call covers them all;
 - each prefill chunk on its own: causal over the slots of positions [lo, end).
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model import decode_attention
 from model.paged_cache import BlockPool
 
 
@@ -59,8 +61,8 @@ class PagedBatch:
         return [r.table[p // bs] * bs + p % bs for p in range(lo, hi)]
 
     def _plan(self, window: int | None) -> tuple:
-        """(decode token indices, decode gather index (B, S), decode mask (B, 1, 1, S),
-        [(token range, gather index, mask) per prefill row]) for layers with this window."""
+        """(decode token indices, decode gather index (B, S), decode mask (B, 1, 1, S), decode
+        lengths (B,), [(token range, gather index, mask) per prefill row]) for layers with this window."""
         if window in self._groups:
             return self._groups[window]
         dev = self.slots.device
@@ -82,14 +84,17 @@ class PagedBatch:
                     mask &= kv_pos > q_pos - window
                 pre.append((offset, offset + r.n, torch.tensor(ids, device=dev), mask[None, None]))
             offset += r.n
-        plan = (None, None, None, pre)
+        plan = (None, None, None, None, pre)
         if dec_tok:
             width = max(dec_len)
             idx = torch.zeros(len(dec_idx), width, dtype=torch.long, device=dev)  # 0: the null block
             for i, ids in enumerate(dec_idx):
                 idx[i, : len(ids)] = torch.tensor(ids, device=dev)
-            mask = torch.arange(width, device=dev)[None, :] < torch.tensor(dec_len, device=dev)[:, None]
-            plan = (torch.tensor(dec_tok, device=dev), idx, mask[:, None, None, :], pre)
+            lens = torch.tensor(dec_len, device=dev)
+            if int(idx.max()) >= self.pool.k[0].shape[0]:  # the in-place kernel reads these unchecked
+                raise RuntimeError(f"a block table points past the pool's {self.pool.k[0].shape[0]} slots")
+            mask = torch.arange(width, device=dev)[None, :] < lens[:, None]
+            plan = (torch.tensor(dec_tok, device=dev), idx, mask[:, None, None, :], lens, pre)
         self._groups[window] = plan
         return plan
 
@@ -101,9 +106,14 @@ class PagedBatch:
         kp.index_copy_(0, self.slots, k[0].transpose(0, 1).to(kp.dtype))
         vp.index_copy_(0, self.slots, v[0].transpose(0, 1).to(vp.dtype))
         window = self.args.sliding_window if self.args.layer_type(layer) == "sliding" else None
-        dec_tok, dec_idx, dec_mask, pre = self._plan(window)
+        dec_tok, dec_idx, dec_mask, dec_lens, pre = self._plan(window)
         y = torch.empty_like(q)
-        if dec_tok is not None:
+        if dec_tok is not None and decode_attention.supports(kp, q.shape[-1]):  # in place, no gathered copy
+            qd = q[0][:, dec_tok].transpose(0, 1)  # (B, H, hd)
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            yd = decode_attention.attend(qd, kp, vp, dec_idx, dec_lens, scale)  # (B, H, hd)
+            y[0][:, dec_tok] = yd.transpose(0, 1).to(y.dtype)
+        elif dec_tok is not None:
             B, S = dec_idx.shape
             flat = dec_idx.reshape(-1)  # index_select, not kp[flat]: the same copy, 2-4x quicker on CPU
             kk = kp.index_select(0, flat).view(B, S, *kp.shape[1:]).transpose(1, 2)  # (B, n_kv, S, hd)

@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define GROUP 32
 #define TILE 8  /* rows sharing one unpacking of a weight row's groups */
@@ -128,8 +129,16 @@ static const tile_fn U4_TILES[TILE + 1] = {0, U4_tile_1, U4_tile_2, U4_tile_3, U
 static const tile_fn Q8_TILES[TILE + 1] = {0, Q8_tile_1, Q8_tile_2, Q8_tile_3, Q8_tile_4,
                                            Q8_tile_5, Q8_tile_6, Q8_tile_7, Q8_tile_8};
 
-static void matmul(const tile_fn *tiles, const uint8_t *wq, const uint16_t *dm, const float *x, float *y, int M,
-                   int N, int K, int8_t *xq, float *xs) {
+/* 0, or -1 when the scratch for the quantized activations cannot be allocated */
+static int matmul(const tile_fn *tiles, const uint8_t *wq, const uint16_t *dm, const float *x, float *y, int M,
+                  int N, int K) {
+    int8_t *xq = malloc((size_t)M * K);                             /* (M, K) int8 */
+    float *xs = malloc(2 * (size_t)M * (K / GROUP) * sizeof(float)); /* (2, M, K/32) */
+    if (!xq || !xs) {
+        free(xq);
+        free(xs);
+        return -1;
+    }
     quantize_rows(x, M, K, xq, xs);
 #pragma omp parallel for schedule(static)
     for (int n0 = 0; n0 < N; n0 += CHUNK) {
@@ -139,17 +148,18 @@ static void matmul(const tile_fn *tiles, const uint8_t *wq, const uint16_t *dm, 
             tiles[R](wq, dm, xq, xs, y, M, N, K, n0, n1, r0);
         }
     }
+    free(xq);
+    free(xs);
+    return 0;
 }
 
-/* y (M, N) = x (M, K) @ w.T; xq (M, K) int8 and xs (2, M, K/32) float32 are the caller's scratch.
- * K must be a multiple of 32. Threads: OpenMP, as many as the calling thread's torch uses.
+/* y (M, N) = x (M, K) @ w.T, K a multiple of 32; 0, or -1 when out of memory. Threads: OpenMP, as
+ * many as the calling thread's torch uses.
  * q4dot_matmul: nib (N, K/32, 16) 4-bit weights; q8dot_matmul: q (N, K) int8 weights. */
-void q4dot_matmul(const uint8_t *nib, const uint16_t *dm, const float *x, float *y, int M, int N, int K,
-                  int8_t *xq, float *xs) {
-    matmul(U4_TILES, nib, dm, x, y, M, N, K, xq, xs);
+int q4dot_matmul(const uint8_t *nib, const uint16_t *dm, const float *x, float *y, int M, int N, int K) {
+    return matmul(U4_TILES, nib, dm, x, y, M, N, K);
 }
 
-void q8dot_matmul(const int8_t *q, const uint16_t *dm, const float *x, float *y, int M, int N, int K,
-                  int8_t *xq, float *xs) {
-    matmul(Q8_TILES, (const uint8_t *)q, dm, x, y, M, N, K, xq, xs);
+int q8dot_matmul(const int8_t *q, const uint16_t *dm, const float *x, float *y, int M, int N, int K) {
+    return matmul(Q8_TILES, (const uint8_t *)q, dm, x, y, M, N, K);
 }

@@ -8,11 +8,10 @@ torch's packed int4 CPU kernel is quick where it was built for AVX-512 but on AV
 dequantizes every group in float for every 4 rows: 114 us for a 1536x576 weight at one row, 480
 us at eight, against 12 ms for llama.cpp's whole token on the same 2 cores. This kernel quantizes
 the activations per group of 32 to int8 (as llama.cpp does) and lets vpmaddubsw do the
-multiply-adds. 8-bit weights go through the same kernel in one pass rather than as two 4-bit planes
-(half the work for SmolLM2's tied Q8_0 head, 35% of a step's weight reads that way). The shared library is compiled once per source and compiler into
-~/.cache/memento/kernels ($MEMENTO_KERNEL_DIR), about a second; without a compiler or AVX2 it is
-simply not available and the callers keep torch's kernel. Its OpenMP runtime is the libgomp
-torch already loaded (same soname), so both share one thread team per thread.
+multiply-adds. 8-bit weights go through the same kernel in one pass rather than as two 4-bit
+planes (half the work for SmolLM2's tied Q8_0 head, 35% of a step's weight reads that way).
+model/ckernels.py builds it once per machine; without a compiler or AVX2 it is simply not
+available and the callers keep torch's kernel.
 
 `matmul` is the custom op `memento::q4dot`, so a compiled graph holds it as one opaque node; eager
 callers use `run`, the same call without the op's dispatch.
@@ -21,86 +20,36 @@ callers use `run`, the same call without the op's dispatch.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from model import ckernels
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4dot.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 GROUP = 32
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _kernel_dir() -> Path:
-    env = os.environ.get("MEMENTO_KERNEL_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "memento" / "kernels"
-
-
-def _build(compiler: str) -> Path:
-    """The shared library for this source, flags and compiler, compiled if it is not there yet."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256((SOURCE.read_text() + " ".join(FLAGS) + version).encode()).hexdigest()[:16]
-    out_dir = _kernel_dir()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: a private temp dir still spares the next start nothing, but works
-        out_dir = Path(tempfile.gettempdir()) / f"memento-kernels-{os.getuid()}"
-        out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"q4dot-{key}.so"
-    if not lib.exists():
-        log.info("building the AVX2 int4 kernel into %s (once per machine)", lib)
-        tmp = out_dir / f".q4dot-{key}-{os.getpid()}.so"  # then renamed: concurrent starts never see half a file
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True,
-                       text=True, timeout=300)
-        os.replace(tmp, lib)
-    return lib
-
-
-def _compiler() -> str:
-    return os.environ.get("CC", "cc")
-
-
 def buildable() -> bool:
-    """This CPU has AVX2, FMA and F16C and a C compiler is there: the kernel should then be
-    available(), and tests fail rather than skip when it is not (a self-check that disagrees)."""
-    return {"avx2", "fma", "f16c"} <= _cpu_flags() and shutil.which(_compiler()) is not None
+    """This CPU and a compiler allow the kernel: it should then be available() (model/ckernels.py)."""
+    return ckernels.buildable()
 
 
 @cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where it cannot run here (not x86 with AVX2, FMA and F16C, no compiler,
     a failed build, or a self-check that disagrees with float32): the reason is logged once."""
-    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
-        return None
-    compiler = _compiler()
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("the AVX2 int4 kernel is not available (%s); using torch's", str(detail).strip()[:300])
+    lib = ckernels.load(SOURCE, "the AVX2 int4 kernel")
+    if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     for fn in (lib.q4dot_matmul, lib.q8dot_matmul):
-        fn.argtypes = [p, p, p, p, i, i, i, p, p]
-        fn.restype = None
+        fn.argtypes = [p, p, p, p, i, i, i]
+        fn.restype = i
     if not _self_check(lib):
         log.warning("the AVX2 int4 kernel disagrees with float32 here; using torch's")
         return None
@@ -111,25 +60,29 @@ def available() -> bool:
     return library() is not None
 
 
+_BITS = {torch.uint8: 4, torch.int8: 8}
+
+
 def run(x: torch.Tensor, w: torch.Tensor, dm: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """The kernel called directly (eager callers: the custom op's dispatch costs more than a small
     matmul); `matmul` below is the same as an op a compiled graph can hold. w is 4-bit nibbles
-    (N, K/2) uint8 or 8-bit weights (N, K) int8."""
+    (N, K/2) uint8 or 8-bit weights (N, K) int8. Every check here is cheap: a decode step makes
+    hundreds of these calls, and their Python cost is a fifth of a small model's step."""
     m, k = x.shape
-    n = w.shape[0]
-    bits = {torch.uint8: 4, torch.int8: 8}.get(w.dtype)
-    if bits is None or w.shape[1] * 8 != k * bits or dm.shape != (n, 2, k // GROUP):
-        raise ValueError(f"q4dot.run: w {tuple(w.shape)} {w.dtype} and dm {tuple(dm.shape)} do not fit x "
-                         f"{tuple(x.shape)}; want (N, K/2) uint8 or (N, K) int8, and (N, 2, K/32)")
-    if dm.dtype != torch.float16 or not (w.is_contiguous() and dm.is_contiguous()):
-        raise ValueError(f"q4dot.run needs contiguous w and float16 dm, got dm {dm.dtype}")
+    n, wk = w.shape
+    bits = _BITS.get(w.dtype)
+    if bits is None or wk * 8 != k * bits or dm.shape != (n, 2, k // GROUP) or dm.dtype != torch.float16:
+        raise ValueError(f"q4dot.run: w {tuple(w.shape)} {w.dtype} and dm {tuple(dm.shape)} {dm.dtype} do not "
+                         f"fit x {tuple(x.shape)}; want (N, K/2) uint8 or (N, K) int8, and (N, 2, K/32) float16")
+    if not (w.is_contiguous() and dm.is_contiguous()):
+        raise ValueError("q4dot.run needs contiguous w and dm")
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
     lib = lib or library()
-    x = x.to(torch.float32).contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    xq = torch.empty(m, k, dtype=torch.int8)
-    xs = torch.empty(2, m, k // GROUP, dtype=torch.float32)
     fn = lib.q4dot_matmul if bits == 4 else lib.q8dot_matmul
-    fn(w.data_ptr(), dm.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k, xq.data_ptr(), xs.data_ptr())
+    if fn(w.data_ptr(), dm.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k):
+        raise MemoryError(f"q4dot: no memory for the int8 copy of a ({m}, {k}) input")
     return y
 
 

@@ -242,3 +242,48 @@ def test_real_model_quantized_matches_float():
         margin = (logits[want[first]] - logits[got[first]]).item()
         print(f"{text!r}: first differs at token {first}, float32 margin {margin:.3f}")
         assert margin < 0.5
+
+
+@pytest.mark.parametrize("kern", KERNELS)
+def test_fused_rows_compute_the_parts_and_the_parts_share_their_bytes(kern):
+    """fuse() stacks weights' rows so one kernel call computes them all; rows_view() gives the parts
+    back as views of those bytes (torch's layout needs parts of whole 64-row pads)."""
+    from model.qlinear import fuse
+
+    parts = [pack(split_blocks(random_blocks(t, n, 256, seed=n), t, (n, 256)), kern)
+             for t, n in ((Q.Q4_1, 128), (Q.Q4_1, 64), (Q.Q4_0, 64))]
+    fused = fuse(parts)
+    x = torch.randn(5, 256)
+    want = torch.cat([p.matmul(x) for p in parts], dim=1)
+    got = fused.matmul(x)
+    assert got.shape == (5, 256) and (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    view = fused.rows_view(128, 192)
+    assert torch.equal(view.matmul(x), got[:, 128:192])
+    first = view.field_names[0]  # packed or nib: the bytes themselves
+    assert getattr(view.planes()[0], first).untyped_storage().data_ptr() == \
+        getattr(fused.planes()[0], first).untyped_storage().data_ptr()
+    q8 = pack(split_blocks(random_blocks(Q.Q8_0, 64, 256), Q.Q8_0, (64, 256)), kern)
+    assert fuse([parts[0], q8]) is None  # one plane and two (torch), or nibbles and int8 (q4dot)
+    if kern == "torch":
+        odd = pack(split_blocks(random_blocks(Q.Q4_0, 48, 256), Q.Q4_0, (48, 256)), kern)
+        assert fuse([parts[0], odd]) is None  # 48 rows: padded inside the layout
+
+
+@pytest.mark.parametrize("kern", KERNELS)
+def test_a_quantized_model_fuses_qkv_and_gate_up_where_it_can_and_computes_the_same(kern):
+    from tests.model.test_q4dot import quantized_tiny_lm
+
+    lm = quantized_tiny_lm(kern)
+    attn, ff = lm.model.layers[0].attention, lm.model.layers[0].feed_forward
+    tokens, pos = torch.tensor([[5, 9, 2, 7]]), torch.arange(4)
+    with torch.inference_mode():
+        fused_logits = lm.model(tokens, pos)
+        if kern == "q4dot":  # the tiny model's 32-row k/v and 96-row gate/up are off torch's 64-row pads
+            assert isinstance(attn.wqkv, QLinear) and isinstance(ff.w13, QLinear)
+            assert attn.wq.w.nib0.untyped_storage().data_ptr() == attn.wqkv.w.nib0.untyped_storage().data_ptr()
+        else:
+            assert attn.wqkv is None and ff.w13 is None
+        for layer in lm.model.layers:
+            layer.attention.wqkv = layer.feed_forward.w13 = None
+        separate_logits = lm.model(tokens, pos)
+    assert torch.equal(fused_logits, separate_logits)  # every output row runs the same operations
