@@ -9,7 +9,7 @@ import torch
 from model import ckernels, decode_attention
 from model.decode_attention import attend, reference
 from tests.model.test_engine import ids, tiny_lm
-from tests.model.test_scheduler import alone, drain, new_seq
+from tests.model.test_scheduler import alone, drain, new_seq, run_with_late_join
 
 # where it can be built it must pass its self-check: a kernel that disagrees fails here, not skips
 pytestmark = pytest.mark.skipif(not ckernels.buildable(), reason="no AVX2 + FMA + F16C, or no C compiler")
@@ -95,12 +95,6 @@ def test_the_scheduler_decodes_through_it_and_rows_match_each_alone(monkeypatch)
     calls.clear()
     eng = Engine(lm, prefill_chunk=16)
     seqs = [new_seq(lm, p, 8) for p in prompts]
-    for s in seqs[:5]:
-        eng.scheduler.add(s)
-    for _ in range(3):
-        eng.scheduler.step()
-    eng.scheduler.add(seqs[5])
-    while eng.scheduler.has_work():
-        eng.scheduler.step()
+    run_with_late_join(eng.scheduler, seqs, early_steps=3)
     assert [drain(s)[0] for s in seqs] == want
     assert max(calls) == 5  # the five first rows decode in one call (the sixth joins as they end)

@@ -10,7 +10,7 @@ from model import q4dot, qlinear
 from model.qlinear import QLinear, QWeight, install_quantized, pack
 from tests.model.test_engine import ids, tiny_lm
 from tests.model.test_qlinear import KERNELS, int8_error
-from tests.model.test_scheduler import ATOL, alone, drain, new_seq
+from tests.model.test_scheduler import ATOL, alone, drain, new_seq, run_with_late_join
 
 # where it can be built it must pass its self-check: a kernel that disagrees fails here, not skips
 pytestmark = pytest.mark.skipif(not q4dot.buildable(), reason="no AVX2 + FMA + F16C, or no C compiler")
@@ -138,13 +138,7 @@ def test_quantized_rows_batched_equal_each_alone(kern, compiled, tmp_path):
     eng = Engine(lm, prefill_chunk=32, compile=compiled, compile_dir=str(tmp_path))
     spies = [Spy() for _ in prompts]
     seqs = [new_seq(lm, p, 10, spy=s) for p, s in zip(prompts, spies, strict=True)]
-    for s in seqs[:7]:
-        eng.scheduler.add(s)
-    for _ in range(4):
-        eng.scheduler.step()
-    eng.scheduler.add(seqs[7])
-    while eng.scheduler.has_work():
-        eng.scheduler.step()
+    run_with_late_join(eng.scheduler, seqs, early_steps=4)
     worst = []
     for i, s in enumerate(seqs):
         assert drain(s)[0] == want[i][0], f"row {i}"

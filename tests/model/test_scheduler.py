@@ -33,6 +33,17 @@ def alone(lm, prompt, max_tokens):
     return out.token_ids, spy.seen
 
 
+def run_with_late_join(sched, seqs, early_steps: int) -> None:
+    """All but the last sequence start together; the last joins after `early_steps` steps."""
+    for s in seqs[:-1]:
+        sched.add(s)
+    for _ in range(early_steps):
+        sched.step()
+    sched.add(seqs[-1])
+    while sched.has_work():
+        sched.step()
+
+
 def new_seq(lm, prompt, max_tokens, owner="", spy=None):
     procs = [spy, no_eos(lm)] if spy is not None else [no_eos(lm)]
     return Sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens), owner=owner, processors=procs)
