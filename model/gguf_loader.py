@@ -151,8 +151,6 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 T = TypeVar("T")
 
 
-
-
 def progress_iter(items: Iterable[T], total: int, description: str, enabled: bool) -> Iterator[T]:
     """Wrap `items` with a rich progress bar on stderr when enabled."""
     if not enabled:
