@@ -70,6 +70,8 @@ def test_weights_that_do_not_fit_x_are_named():
         q4dot.run(torch.randn(2, 64), u.view(torch.uint8), dm)  # int8 bytes passed as nibbles: K/2 != 64
     with pytest.raises(ValueError, match="do not fit"):
         q4dot.run(torch.randn(2, 64), u.to(torch.int32), dm)
+    with pytest.raises(ValueError, match="K % 32"):  # 40 columns: the kernel would drop the last 8
+        q4dot.run(torch.randn(2, 40), u[:, :40].contiguous(), dm[:, :, :1].contiguous())
 
 
 def test_a_compiled_graph_holds_the_kernel_as_one_op():
