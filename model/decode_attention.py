@@ -62,8 +62,9 @@ def supports(pool: torch.Tensor, head_dim: int) -> bool:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, lens: torch.Tensor,
            scale: float, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """Row b attends over slots idx[b, :lens[b]] (each in [0, slots): the caller's block tables
-    guarantee it, and the kernel does not check). Shapes as in the module docstring."""
+    """Row b attends over slots idx[b, :lens[b]], 1 <= lens[b] <= W, each slot in [0, slots): the
+    caller's plan guarantees both (paged_attention checks the slots once a step), and the kernel
+    does not check. Shapes as in the module docstring."""
     B, H, D = q.shape
     n_kv = k.shape[1]
     if (k.shape != v.shape or k.shape[2] != D or H % n_kv or D % 8 or idx.shape[0] != B or lens.shape != (B,)
