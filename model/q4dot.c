@@ -17,8 +17,8 @@
  * Layout: 4-bit nib (N, K/32, 16) bytes, byte i of a group holding u[i] (low nibble) and u[i+16]
  * (high); 8-bit q (N, K) int8; dm (N, 2, K/32) float16, each weight row's d, then its m (GGUF's
  * own scales are float16, so Q4_0/Q4_1/Q8_0 lose nothing, and 4-bit weights stay within 1.11x of
- * a Q4_0 file, 8-bit ones within 1.06x of a Q8_0 file). Built by
- * model/q4dot.py with gcc -O3 -mavx2 -mfma -mf16c -fopenmp.
+ * a Q4_0 file, 8-bit ones within 1.06x of a Q8_0 file). Built by model/ckernels.py (gcc -O3
+ * -mavx2 -mfma -mf16c -fopenmp), called by model/q4dot.py.
  */
 #include <immintrin.h>
 #include <math.h>
