@@ -1,6 +1,7 @@
 """C kernels built at first use with the machine's compiler (model/q4dot.c, model/decode_attention.c).
 
-    lib = ckernels.load(Path("model/q4dot.c"), "the AVX2 int4 kernel")   # ctypes.CDLL, or raises
+    lib = ckernels.load(Path("model/q4dot.c"), "the AVX2 int4 kernel",
+                        {"q4dot_matmul": ([c_void_p, ...], c_int)}, self_check)   # ctypes.CDLL, or None
 
 Each shared library is compiled once per source, flags and compiler into ~/.cache/memento/kernels
 ($MEMENTO_KERNEL_DIR), about a second; later starts load it. They are AVX2 code: `buildable()`
@@ -18,8 +19,10 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +80,23 @@ def _build(source: Path, cc: str) -> Path:
     return lib
 
 
-def load(source: Path, what: str) -> ctypes.CDLL | None:
-    """The built and loaded library, or None where it cannot run here (no AVX2/FMA/F16C, no compiler,
-    a failed build): the reason is logged once per caller (callers cache the result)."""
+def load(source: Path, what: str, signatures: dict[str, tuple[list, Any]],
+         self_check: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | None:
+    """The built and loaded library with `signatures` (function name -> (argtypes, restype)) set, or
+    None where it cannot run here (no AVX2/FMA/F16C, no compiler, a failed build, or `self_check`,
+    its comparison with torch's result, failing): the reason is logged (callers cache the result)."""
     if not cpu_ok():
         return None
     try:
-        return ctypes.CDLL(str(_build(source, compiler())))
+        lib = ctypes.CDLL(str(_build(source, compiler())))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("%s is not available (%s); using torch's", what, str(detail).strip()[:300])
         return None
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    if not self_check(lib):
+        log.warning("%s disagrees with torch's result here; using torch's", what)
+        return None
+    return lib

@@ -14,7 +14,6 @@ default `auto` uses the kernel wherever it builds and passes its self-check).
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from functools import cache
 from pathlib import Path
@@ -23,8 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from model import ckernels
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".c")
 
@@ -38,16 +35,9 @@ def library() -> ctypes.CDLL | None:
         raise ValueError(f"MEMENTO_ATTENTION_KERNEL={choice!r}: use auto or torch")
     if choice == "torch":
         return None
-    lib = ckernels.load(SOURCE, "the AVX2 decode attention")
-    if lib is None:
-        return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.decode_attention.argtypes = [p, p, p, p, p, i, i, i, i, i, ctypes.c_float, p]
-    lib.decode_attention.restype = i
-    if not _self_check(lib):
-        log.warning("the AVX2 decode attention disagrees with SDPA here; using torch's")
-        return None
-    return lib
+    args = [p, p, p, p, p, i, i, i, i, i, ctypes.c_float, p]
+    return ckernels.load(SOURCE, "the AVX2 decode attention", {"decode_attention": (args, i)}, _self_check)
 
 
 def available() -> bool:

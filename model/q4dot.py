@@ -20,7 +20,6 @@ callers use `run`, the same call without the op's dispatch.
 from __future__ import annotations
 
 import ctypes
-import logging
 from functools import cache
 from pathlib import Path
 
@@ -28,32 +27,18 @@ import torch
 
 from model import ckernels
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("q4dot.c")
 GROUP = 32
-
-
-def buildable() -> bool:
-    """This CPU and a compiler allow the kernel: it should then be available() (model/ckernels.py)."""
-    return ckernels.buildable()
 
 
 @cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where it cannot run here (not x86 with AVX2, FMA and F16C, no compiler,
     a failed build, or a self-check that disagrees with float32): the reason is logged once."""
-    lib = ckernels.load(SOURCE, "the AVX2 int4 kernel")
-    if lib is None:
-        return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    for fn in (lib.q4dot_matmul, lib.q8dot_matmul):
-        fn.argtypes = [p, p, p, p, i, i, i]
-        fn.restype = i
-    if not _self_check(lib):
-        log.warning("the AVX2 int4 kernel disagrees with float32 here; using torch's")
-        return None
-    return lib
+    matmul_args = ([p, p, p, p, i, i, i], i)
+    return ckernels.load(SOURCE, "the AVX2 int4 kernel", {"q4dot_matmul": matmul_args, "q8dot_matmul": matmul_args},
+                         _self_check)
 
 
 def available() -> bool:

@@ -318,8 +318,7 @@ def _offset(q: torch.Tensor, o: int) -> torch.Tensor:
 
 def _plane_matmul(x: torch.Tensor, p: Plane) -> torch.Tensor:
     """x (B, K) -> (B, N_pad) float32 through the plane's kernel."""
-    if isinstance(p, (RowPlane, Int8RowPlane)):
-        x = x.to(torch.float32).contiguous()
+    if isinstance(p, (RowPlane, Int8RowPlane)):  # q4dot.run makes x float32 and contiguous if it is not
         w = p.nib if isinstance(p, RowPlane) else p.q
         if torch.compiler.is_compiling():  # the custom op: one node in the graph
             return q4dot.matmul(x, w, p.dm)

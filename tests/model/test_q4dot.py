@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import q4dot, qlinear
+from model import ckernels, q4dot, qlinear
 from model.qlinear import QLinear, QWeight, install_quantized, pack
 from tests.model.test_engine import ids, tiny_lm
 from tests.model.test_qlinear import KERNELS, int8_error
 from tests.model.test_scheduler import ATOL, alone, drain, new_seq, run_with_late_join
 
 # where it can be built it must pass its self-check: a kernel that disagrees fails here, not skips
-pytestmark = pytest.mark.skipif(not q4dot.buildable(), reason="no AVX2 + FMA + F16C, or no C compiler")
+pytestmark = pytest.mark.skipif(not ckernels.buildable(), reason="no AVX2 + FMA + F16C, or no C compiler")
 
 
 def test_the_kernel_builds_and_passes_its_self_check():

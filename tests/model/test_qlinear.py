@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from model import q4dot
+from model import ckernels
 from model.dequant import dequantize
 from model.gguf_loader import _unpermute
 from model.gguf_meta import read_header
@@ -79,7 +79,7 @@ def test_unsupported_type_is_named():
 
 
 # every int4 layout this machine can run: torch's kernel and model/q4dot.c (AVX2)
-KERNELS = [k for k, ok in (("torch", _torch_int4()), ("q4dot", q4dot.buildable())) if ok]
+KERNELS = [k for k, ok in (("torch", _torch_int4()), ("q4dot", ckernels.buildable())) if ok]
 
 
 def bf16_error(w: torch.Tensor) -> float:
