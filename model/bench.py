@@ -196,11 +196,12 @@ def throughput(lm, hf, eos, alt=None) -> dict:
 
 def compiled_engine(lm) -> Engine | None:
     """An engine whose decode steps run compiled (model/decode_step.py), as `memento serve` has on
-    the CPU; artefacts in $MEMENTO_DATA_DIR/compile like the server's. None off the CPU."""
+    the CPU for models the C decode layer does not cover; artefacts in $MEMENTO_DATA_DIR/compile
+    like the server's. None off the CPU."""
     if lm.device.type != "cpu":
         return None
     data_dir = os.environ.get("MEMENTO_DATA_DIR", "./data")
-    return Engine(lm, compile=True, compile_dir=os.path.join(data_dir, "compile"), progress=True)
+    return Engine(lm, compile=True, compile_dir=os.path.join(data_dir, "compile"), progress=True, fused_decode=False)
 
 
 def timed_runs(lm, hf, eng, prompt, short, eos, qeng=None, ceng=None) -> dict[str, Callable[[], float]]:

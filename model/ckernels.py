@@ -1,4 +1,5 @@
-"""C kernels built at first use with the machine's compiler (model/q4dot.c, model/decode_attention.c).
+"""C kernels built at first use with the machine's compiler (model/q4dot.c, model/decode_attention.c,
+model/decode_layer.c).
 
     lib = ckernels.load(Path("model/q4dot.c"), "the AVX2 int4 kernel",
                         {"q4dot_matmul": ([c_void_p, ...], c_int)}, self_check)   # ctypes.CDLL, or None
@@ -16,6 +17,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -60,10 +62,22 @@ def _kernel_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "memento" / "kernels"
 
 
+def _text_with_includes(source: Path, seen: set[Path] | None = None) -> str:
+    """The source and every local file it `#include "..."`s, recursively: what the build depends on."""
+    seen = set() if seen is None else seen
+    if source in seen:
+        return ""
+    seen.add(source)
+    text = source.read_text()
+    included = re.findall(r'^#include "([^"]+)"', text, flags=re.MULTILINE)
+    return text + "".join(_text_with_includes(source.parent / name, seen) for name in included)
+
+
 def _build(source: Path, cc: str) -> Path:
-    """The shared library for this source, flags and compiler, compiled if it is not there yet."""
+    """The shared library for this source (and what it includes), flags and compiler, compiled if
+    it is not there yet."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256((source.read_text() + " ".join(FLAGS) + version).encode()).hexdigest()[:16]
+    key = hashlib.sha256((_text_with_includes(source) + " ".join(FLAGS) + version).encode()).hexdigest()[:16]
     out_dir = _kernel_dir()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

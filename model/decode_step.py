@@ -70,12 +70,13 @@ class LayerBatch:
 
 
 def decode_plan(tables: Sequence[Sequence[int]], positions: Sequence[int], block_size: int,
-                window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots of each row's earlier positions [lo, p) (lo = p - window + 1 for sliding layers), padded
-    to the longest row with slot 0 (the null block) and marked invalid: (idx (B, S), valid (B, S))."""
+                window: int | None, include_current: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots of each row's earlier positions [lo, p) (lo = p - window + 1 for sliding layers), or
+    [lo, p] with `include_current`, padded to the longest row with slot 0 (the null block) and
+    marked invalid: (idx (B, S), valid (B, S))."""
     pos = torch.tensor(positions, dtype=torch.long)
     lo = torch.zeros_like(pos) if window is None else (pos - window + 1).clamp(min=0)
-    lens = pos - lo
+    lens = pos + int(include_current) - lo
     width = max(2, int(lens.max()))  # torch specialises sizes 0 and 1: keep every step on one graph
     want = lo[:, None] + torch.arange(width)[None, :]  # (B, S) positions
     valid = torch.arange(width)[None, :] < lens[:, None]
@@ -98,6 +99,9 @@ def _layer_step(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
 
 
 class CompiledDecode:
+    max_rows = MAX_ROWS
+    takes_mixed_steps = False  # a step with prompt chunks runs wholly eager
+
     def __init__(self, model, pool, cache_dir: str | Path | None = None, progress: bool = False) -> None:
         self.model, self.pool, self.progress = model, pool, progress
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.fused_decode import FusedDecode
 from model.paged_cache import BlockPool
 from model.sampling import LogitsProcessor, SamplingParams, StopMatcher, dry_breaker_ids
 from model.scheduler import MAX_BATCH, PREFILL_CHUNK, Scheduler
@@ -69,13 +71,17 @@ class Completion:
 class Engine:
     def __init__(self, lm, kv_budget_bytes: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
                  max_batch: int = MAX_BATCH, block_size: int = BLOCK_SIZE, compile: bool = False,
-                 compile_dir: str | None = None, progress: bool = False, threads: int | None = None):
+                 compile_dir: str | None = None, progress: bool = False, threads: int | None = None,
+                 fused_decode: bool = True):
         """`kv_budget_bytes`: the KV pool's size; None -> 1 GiB on CPU, half of the free GPU
         memory on CUDA. `max_batch`: sequences decoding together; `prefill_chunk`: prompt tokens
         fed per step (bounds how long a new prompt delays the others). `compile`: single-row decode
         steps run as one compiled graph (model/decode_step.py), compiled here, before the first request,
         with inductor's artefacts kept in `compile_dir`; `progress` reports it on stderr.
         `threads`: intra-op threads of the scheduler thread (None: torch's current setting).
+        `fused_decode`: decode rows run through model/decode_layer.c where the model fits it (a
+        Llama-family GGUF kept in model/q4dot.c's layout, on the CPU; model/fused_decode.py), which
+        then takes the place of the compiled step.
 
         libgomp stops spin-waiting once a process holds more OpenMP threads than cores, and every
         thread that ever ran a parallel op keeps its own team: a model loaded on one thread and
@@ -90,7 +96,11 @@ class Engine:
         self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else self._default_budget()
         self.pool = BlockPool.for_model(self.model, self.kv_budget_bytes, block_size, self.device)
         decode, self.compile_report = None, None
-        if compile:
+        if fused_decode and self.device.type == "cpu":
+            decode = FusedDecode.for_model(self.model, self.pool)
+            if decode is not None and progress:
+                print("decode steps run through the C decode layer (model/decode_layer.c)", file=sys.stderr, flush=True)
+        if decode is None and compile:
             from model.decode_step import CompiledDecode
 
             decode = CompiledDecode(self.model, self.pool, compile_dir, progress)

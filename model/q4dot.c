@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 #define GROUP 32
 #define TILE 8  /* rows sharing one unpacking of a weight row's groups */
 #define CHUNK 16 /* weight rows per OpenMP task */
@@ -60,12 +62,6 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *xs) {
         xs[rg] = s;
         xs[groups + rg] = s * (float)_mm_cvtsi128_si32(s4);
     }
-}
-
-static inline float hsum(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
 /* How a tile reads a weight row's group g (BYTES bytes each) and forms the 16-bit pair products

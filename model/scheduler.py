@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from model.batch_sampler import sample_rows
-from model.decode_step import MAX_ROWS
 from model.paged_attention import PagedBatch, Row
 from model.paged_cache import SHARED, BlockPool, chain_keys
 from model.sequence import Sequence
@@ -49,8 +48,11 @@ class SessionRecord:
 class Scheduler:
     def __init__(self, model, pool: BlockPool, eos_ids, context_window: int, max_batch: int = MAX_BATCH,
                  prefill_chunk: int = PREFILL_CHUNK, decode=None) -> None:
-        """`decode`: a `model.decode_step.CompiledDecode` for decode-only steps of at most
-        `MAX_ROWS` rows (one); None runs every step eagerly."""
+        """`decode`: the step for decode rows (`model.fused_decode.FusedDecode`, or
+        `model.decode_step.CompiledDecode`) when at most its `max_rows` decode; with
+        `takes_mixed_steps` it also takes the decode rows of steps that carry prompt chunks (the
+        chunks go through torch), so a row is computed the same way whatever runs beside it. None
+        runs every step through torch."""
         self.model, self.pool, self.eos = model, pool, set(eos_ids)
         self.decode = decode
         self.context_window, self.max_batch, self.prefill_chunk = context_window, max_batch, prefill_chunk
@@ -201,14 +203,37 @@ class Scheduler:
 
     @torch.inference_mode()
     def _forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
-        if (self.decode is not None and self.decode.failed is None and len(rows) <= MAX_ROWS
-                and all(n == 1 for _, n in rows)):
+        """Logits of the rows that sample this step, in row order."""
+        dec = self.decode
+        decoding = [(s, n) for s, n in rows if n == 1]
+        usable = dec is not None and dec.failed is None and 0 < len(decoding) <= dec.max_rows
+        if usable and (len(decoding) == len(rows) or dec.takes_mixed_steps):
             try:
-                return self.decode([s.tokens[s.computed] for s, _ in rows], [s.table for s, _ in rows],
-                                   [s.computed for s, _ in rows])
+                dec_logits = dec([s.tokens[s.computed] for s, _ in decoding], [s.table for s, _ in decoding],
+                                 [s.computed for s, _ in decoding])
             except Exception as exc:  # a compiler problem must not take the service down: go eager
-                log.warning("the compiled decode step failed (%s); decoding eagerly from now on", exc)
-                self.decode.failed = exc
+                log.warning("the %s failed (%s); decoding eagerly from now on", type(dec).__name__, exc)
+                dec.failed = exc
+            else:
+                if len(decoding) == len(rows):
+                    return dec_logits
+                return self._merge(rows, dec_logits, self._torch_forward([(s, n) for s, n in rows if n > 1]))
+        return self._torch_forward(rows)
+
+    @staticmethod
+    def _merge(rows: list[tuple[Sequence, int]], dec_logits: torch.Tensor, pre_logits: torch.Tensor) -> torch.Tensor:
+        """Decode rows' logits and prompt chunks' (those that end their prompt) back in row order."""
+        out, d, p = [], 0, 0
+        for seq, n in rows:
+            if n == 1:
+                out.append(dec_logits[d])
+                d += 1
+            elif seq.computed + n == len(seq.tokens):
+                out.append(pre_logits[p])
+                p += 1
+        return torch.stack(out) if out else dec_logits[:0]
+
+    def _torch_forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         ids = [t for seq, n in rows for t in seq.tokens[seq.computed : seq.computed + n]]
         batch = PagedBatch(self.pool, [Row(s.table, s.computed, n, s.computed + n == len(s.tokens))
                                        for s, n in rows], self.model.args)

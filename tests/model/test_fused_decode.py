@@ -1,0 +1,150 @@
+"""model/fused_decode.py + model/decode_layer.c: decode rows of a q4dot-quantized Llama as one C call
+per layer. Rows are the same bits alone or batched, the layer matches the block's torch forward,
+a wrong layer is caught by the start-up check, and everything it does not cover stays on torch."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from model import ckernels, fused_decode
+from model.engine import Engine
+from model.fused_decode import FusedDecode
+from model.paged_attention import PagedBatch, Row
+from model.paged_cache import BlockPool
+from model.sampling import SamplingParams
+from tests.model.test_engine import Spy, ids, tiny_lm
+from tests.model.test_q4dot import quantized_tiny_lm
+from tests.model.test_scheduler import alone, drain, new_seq, run_with_late_join
+
+pytestmark = pytest.mark.skipif(not ckernels.buildable(), reason="needs AVX2, FMA, F16C and a C compiler")
+
+
+@pytest.fixture(scope="module")
+def qlm():
+    return quantized_tiny_lm("q4dot")
+
+
+def filled_pool(lm, lengths, block_size=4):
+    """A pool holding a random history of each length, and each row's block table (room for one more)."""
+    pool = BlockPool.for_model(lm.model, 1 << 22, block_size)
+    tables = []
+    for i, n in enumerate(lengths):
+        table = [pool.allocate() for _ in range(n // block_size + 1)]
+        batch = PagedBatch(pool, [Row(table, 0, n, True)], lm.model.args)
+        with torch.inference_mode():
+            lm.model(torch.tensor([ids(n, 500 + i)]), batch.positions, batch)
+        tables.append(table)
+    return pool, tables
+
+
+def test_chosen_for_a_q4dot_llama_and_not_for_what_it_does_not_cover(qlm):
+    eng = Engine(qlm)
+    assert isinstance(eng.scheduler.decode, FusedDecode)
+    assert not eng.pool.k_all[:, : eng.pool.block_size].any()  # the start-up check left the null block zero
+    float_lm = tiny_lm()
+    pool = BlockPool.for_model(float_lm.model, 1 << 20, 4)
+    assert "layer 0: wqkv" in FusedDecode.why_not(float_lm.model, pool)
+    assert FusedDecode.for_model(float_lm.model, pool) is None
+    assert Engine(float_lm).scheduler.decode is None  # float32 weights: torch's path, as before
+    assert Engine(qlm, fused_decode=False).scheduler.decode is None
+
+
+def test_rows_are_the_same_bits_alone_or_batched(qlm):
+    lengths = [3, 17, 9, 30, 1, 22, 12, 5]
+    pool, tables = filled_pool(qlm, lengths)
+    step = FusedDecode.for_model(qlm.model, pool)
+    tokens = ids(len(lengths), 77)
+    together = step(tokens, tables, lengths)
+    for i, n in enumerate(lengths):
+        assert torch.equal(step([tokens[i]], [tables[i]], [n])[0], together[i]), f"row {i}"
+
+
+def test_matches_the_torch_forward(qlm):
+    """Whole-model logits against the eager PagedBatch forward: float32 rounding, plus where an
+    activation's int8 rounding turns over, one quantization step."""
+    lengths = [6, 19, 11]
+    pool, tables = filled_pool(qlm, lengths)
+    tokens = ids(3, 78)
+    batch = PagedBatch(pool, [Row(t, n, 1, True) for t, n in zip(tables, lengths, strict=True)], qlm.model.args)
+    with torch.inference_mode():
+        want = qlm.model(torch.tensor([tokens]), batch.positions, batch)[0]
+        k_torch = pool.k_all.clone()
+    got = FusedDecode.for_model(qlm.model, pool)(tokens, tables, lengths)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert torch.allclose(pool.k_all, k_torch, atol=1e-4)  # the new keys landed in the same slots
+
+
+def test_the_start_up_check_rejects_a_layer_that_computes_something_else(qlm):
+    pool = BlockPool.for_model(qlm.model, 1 << 20, 4)
+    step = FusedDecode.for_model(qlm.model, pool)
+    assert step.check()
+    step.specs[1].scale *= 2  # attention scores twice too sharp in one layer
+    assert not step.check()
+    step.specs[1].scale /= 2
+    step.specs[0].wo.bits = 8  # the 4-bit bytes read as int8
+    assert not step.check()
+
+
+def test_batched_with_late_join_and_cancel_gives_each_rows_tokens_alone(qlm):
+    """Prompt chunks go through torch while the decode rows beside them stay in C (one path per row
+    whatever else runs), so every row's tokens equal its tokens alone."""
+    prompts = [ids(8 + 9 * i, 600 + i) for i in range(8)]
+    want = [alone(qlm, p, 10) for p in prompts]
+    eng = Engine(qlm, prefill_chunk=32)
+    step = eng.scheduler.decode
+    spies = [Spy() for _ in prompts]
+    seqs = [new_seq(qlm, p, 10, spy=s) for p, s in zip(prompts, spies, strict=True)]
+
+    cancel_after = 4
+
+    class CancelRow3:
+        def __call__(self, generated, logits):
+            if len(generated) == cancel_after:
+                seqs[3].cancel()
+            return logits
+
+    seqs[3].processors.append(CancelRow3())
+    run_with_late_join(eng.scheduler, seqs, early_steps=4)
+    for i, s in enumerate(seqs):
+        toks, reason = drain(s)
+        if i == 3:
+            assert reason == "cancelled" and toks == want[i][0][: len(toks)]
+            continue
+        assert reason == "length" and toks == want[i][0], f"row {i}"
+        worst = max((g - r).abs().max().item() for g, r in zip(spies[i].seen, want[i][1], strict=True))
+        assert worst <= 0.1, (i, worst)
+    assert step.failed is None and step.calls > 0
+
+
+def test_a_failing_step_falls_back_to_torch_with_the_same_tokens(qlm, caplog, monkeypatch):
+    prompt = ids(9, 31)
+    want = Engine(qlm, fused_decode=False).complete(prompt, SamplingParams(temperature=0, max_tokens=6)).token_ids
+    eng = Engine(qlm)
+    step = eng.scheduler.decode
+
+    def broken(*_args):
+        raise MemoryError("decode_layer: no memory for a layer's scratch")
+
+    monkeypatch.setattr(step, "_layer", broken)
+    assert eng.complete(prompt, SamplingParams(temperature=0, max_tokens=6)).token_ids == want
+    assert isinstance(step.failed, MemoryError) and "decoding eagerly from now on" in caplog.text
+    eng.close()
+
+
+def test_decode_kernel_torch_turns_it_off(qlm, monkeypatch):
+    monkeypatch.setenv("MEMENTO_DECODE_KERNEL", "torch")
+    fused_decode.library.cache_clear()
+    try:
+        assert Engine(qlm).scheduler.decode is None
+        monkeypatch.setenv("MEMENTO_DECODE_KERNEL", "fast")
+        fused_decode.library.cache_clear()
+        with pytest.raises(ValueError, match="MEMENTO_DECODE_KERNEL='fast'"):
+            Engine(qlm)
+    finally:
+        monkeypatch.undo()
+        fused_decode.library.cache_clear()
+    assert isinstance(fused_decode.library(), ctypes.CDLL)
