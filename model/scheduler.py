@@ -205,7 +205,7 @@ class Scheduler:
     def _forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Logits of the rows that sample this step, in row order."""
         dec = self.decode
-        decoding = [(s, n) for s, n in rows if n == 1]
+        decoding = [(s, n) for s, n in rows if _decodes(s, n)]
         usable = dec is not None and dec.failed is None and 0 < len(decoding) <= dec.max_rows
         if usable and (len(decoding) == len(rows) or dec.takes_mixed_steps):
             try:
@@ -217,7 +217,7 @@ class Scheduler:
             else:
                 if len(decoding) == len(rows):
                     return dec_logits
-                return self._merge(rows, dec_logits, self._torch_forward([(s, n) for s, n in rows if n > 1]))
+                return self._merge(rows, dec_logits, self._torch_forward([(s, n) for s, n in rows if not _decodes(s, n)]))
         return self._torch_forward(rows)
 
     @staticmethod
@@ -225,7 +225,7 @@ class Scheduler:
         """Decode rows' logits and prompt chunks' (those that end their prompt) back in row order."""
         out, d, p = [], 0, 0
         for seq, n in rows:
-            if n == 1:
+            if _decodes(seq, n):
                 out.append(dec_logits[d])
                 d += 1
             elif seq.computed + n == len(seq.tokens):
@@ -302,6 +302,12 @@ class Scheduler:
         self.sessions.move_to_end(seq.session_id)
         while len(self.sessions) > MAX_SESSION_RECORDS:
             self.sessions.popitem(last=False)
+
+
+def _decodes(seq: Sequence, n: int) -> bool:
+    """The row feeds its one last token and samples after it (a prompt's last chunk of one token
+    too; not a one-token chunk cut short by the prefill budget, which samples nothing)."""
+    return n == 1 and seq.computed + 1 == len(seq.tokens)
 
 
 __all__ = ["Scheduler", "SessionRecord", "SHARED"]

@@ -148,3 +148,33 @@ def test_decode_kernel_torch_turns_it_off(qlm, monkeypatch):
         monkeypatch.undo()
         fused_decode.library.cache_clear()
     assert isinstance(fused_decode.library(), ctypes.CDLL)
+
+
+def test_a_one_token_chunk_cut_short_by_the_prefill_budget_is_not_a_decode_row(qlm):
+    """Budget 16: a 15-token prompt leaves one token of budget to the next prompt, whose one-token
+    chunk samples nothing; it must run with the chunks, not as a decode row beside the runner."""
+    prompts = [ids(12, 700), ids(15, 701), ids(30, 702)]
+    want = [alone(qlm, p, 6)[0] for p in prompts]
+    eng = Engine(qlm, prefill_chunk=16)
+    fed = []
+
+    class Recording:  # the scheduler's view of the fused step, recording how many rows it gets
+        max_rows, takes_mixed_steps, failed = FusedDecode.max_rows, True, None
+
+        def __call__(self, tokens, tables, positions):
+            fed.append(len(tokens))
+            return step(tokens, tables, positions)
+
+    step, eng.scheduler.decode = eng.scheduler.decode, Recording()
+    seqs = [new_seq(qlm, p, 6) for p in prompts]
+    eng.scheduler.add(seqs[0])
+    eng.scheduler.step()
+    eng.scheduler.step()  # the runner decodes
+    eng.scheduler.add(seqs[1])
+    eng.scheduler.add(seqs[2])
+    eng.scheduler.step()  # runner 1 token, 15 of the second prompt, 1 of the third
+    assert seqs[2].computed == 1 and not seqs[2].generated
+    assert fed == [1, 1]  # the runner alone, both times
+    while eng.scheduler.has_work():
+        eng.scheduler.step()
+    assert [drain(s)[0] for s in seqs] == want
