@@ -1,18 +1,21 @@
-/* One Llama-family decoder layer for M decode rows (one new token each), in one call.
+/* One decoder layer (Llama family or Gemma 3) for M decode rows (one new token each), in one call.
  *
  * A decode step of a small model is mostly overhead around its matmuls: SmolLM2-135M's 30 layers
  * cost ~21 ms a token through torch (compiled or eager) on 2 cores, of which the int4 kernels are
- * ~6 ms; at 8 rows ~60 ms against ~30 ms. Here a layer is a straight run of C over buffers:
+ * ~6 ms; at 8 rows ~43 ms against ~30 ms. Here a layer is a straight run of C over buffers:
  *
- *     h = rmsnorm(x) * attn_norm;  q, k, v = h @ wqkv.T;  rope(q, k)
+ *     h = norm(x);  q, k, v = h @ wqkv.T;  [q, k = per-head norms];  rope(q, k)
  *     k, v -> the pool at the row's slot;  a = attention over the row's slots (decode_attention.c)
- *     x += a @ wo.T;  h = rmsnorm(x) * ffn_norm;  g, u = h @ w13.T;  x += (silu(g) * u) @ w2.T
+ *     h = a @ wo.T;  [h = post_norm(h)];  x += h
+ *     h = norm(x);  g, u = h @ w13.T;  h = (act(g) * u) @ w2.T;  [h = post_norm(h)];  x += h
  *
- * the same operations as model/llama.py's Block (float32 throughout, RoPE in the HF rotate_half
- * layout), with the matmuls of model/q4dot.c. Every step treats each row on its own, so a row's
- * result is bit for bit the same alone or in any batch. model/fused_decode.py calls it for
- * decode-only steps when every projection is a q4dot weight and the layer has no biases or q/k
- * norms; anything else keeps torch's path. Built by model/ckernels.py.
+ * the operations of model/llama.py's Block (SwiGLU) and model/gemma3.py's GemmaBlock (q/k norms,
+ * post-norms, GeGLU), float32 throughout, RoPE in the HF rotate_half layout, with the matmuls of
+ * model/q4dot.c. A norm is x * rsqrt(mean(x^2) + eps) * scale, the scale being Llama's w or
+ * Gemma's 1 + w (computed by the caller in float32, as GemmaRMSNorm does). Every step treats each
+ * row on its own, so a row's result is bit for bit the same alone or in any batch.
+ * model/fused_decode.py calls it for decode rows when every projection is a q4dot weight without
+ * bias; anything else keeps torch's path. Built by model/ckernels.py.
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,10 +33,13 @@ struct linear {
 };
 
 /* mirrored by model/fused_decode.py's LayerSpec: keep the two in the same order */
-struct llama_layer {
+struct decoder_layer {
     int dim, n_heads, n_kv, head_dim, hidden;
+    int gelu; /* the feed-forward's gate: 0 SiLU (SwiGLU), 1 GELU with the tanh approximation (GeGLU) */
     float eps, scale;
-    const float *attn_norm, *ffn_norm; /* (dim) */
+    const float *attn_norm, *ffn_norm;           /* (dim) norm scales before attention / feed-forward */
+    const float *q_norm, *k_norm;                /* (head_dim) per-head scales, or NULL */
+    const float *post_attn_norm, *post_ffn_norm; /* (dim) scales of the outputs, or NULL */
     struct linear wqkv, wo, w13, w2;
 };
 
@@ -41,7 +47,7 @@ static int linear(const struct linear *l, const float *x, float *y, int M, int K
     return matmul(l->bits == 4 ? U4_TILES : Q8_TILES, l->w, l->dm, x, y, M, l->n, K);
 }
 
-/* out = w * (x * rsqrt(mean(x^2) + eps)) per row, rounding as RMSNorm.forward does */
+/* out = w * (x * rsqrt(mean(x^2) + eps)) per row of D (out may be x), rounding as RMSNorm.forward */
 static void rmsnorm(const float *x, const float *w, float *out, int M, int D, float eps) {
     for (int m = 0; m < M; m++) {
         const float *xr = x + (long)m * D;
@@ -73,21 +79,41 @@ static void rope(float *v, int heads, int hd, const float *cos, const float *sin
     }
 }
 
-/* out[m, j] = silu(gu[m, j]) * gu[m, F + j]; silu(x) = x * sigmoid(x) with e^-|x| from exp_neg */
-static void silu_mul(const float *gu, float *out, int M, int F) {
-    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+/* tanh(y) = sign(y) (1 - e^-2|y|) / (1 + e^-2|y|) */
+static inline __m256 tanh_ps(__m256 y) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 a = _mm256_andnot_ps(sign, y);
+    const __m256 t = exp_neg(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)));
+    const __m256 r = _mm256_div_ps(_mm256_sub_ps(one, t), _mm256_add_ps(one, t));
+    return _mm256_or_ps(r, _mm256_and_ps(y, sign));
+}
+
+/* silu(x) = x * sigmoid(x), with e^-|x| from exp_neg: x / (1 + e^-x), or x e^x / (1 + e^x) below 0 */
+static inline __m256 silu_ps(__m256 x) {
+    const __m256 t = exp_neg(_mm256_or_ps(x, _mm256_set1_ps(-0.0f))); /* e^-|x| */
+    const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, t), x);
+    return _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.0f), t));
+}
+
+/* torch's gelu(approximate="tanh"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+static inline __m256 gelu_tanh_ps(__m256 x) {
+    const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(0.7978845608f),
+                                       _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+    const __m256 half_x = _mm256_mul_ps(_mm256_set1_ps(0.5f), x);
+    return _mm256_mul_ps(half_x, _mm256_add_ps(_mm256_set1_ps(1.0f), tanh_ps(inner)));
+}
+
+/* out[m, j] = act(gu[m, j]) * gu[m, F + j], F a multiple of 8 (the caller's K % 32) */
+static void gated(const float *gu, float *out, int M, int F, int gelu) {
     for (int m = 0; m < M; m++) {
         const float *g = gu + (long)m * 2 * F, *u = g + F;
         float *o = out + (long)m * F;
-        int j = 0;
-        for (; j + 8 <= F; j += 8) {
+        for (int j = 0; j < F; j += 8) {
             const __m256 x = _mm256_loadu_ps(g + j);
-            const __m256 t = exp_neg(_mm256_or_ps(x, sign)); /* e^-|x| */
-            const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, t), x); /* x < 0: x e^x */
-            const __m256 s = _mm256_div_ps(num, _mm256_add_ps(one, t));
-            _mm256_storeu_ps(o + j, _mm256_mul_ps(s, _mm256_loadu_ps(u + j)));
+            const __m256 a = gelu ? gelu_tanh_ps(x) : silu_ps(x);
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(a, _mm256_loadu_ps(u + j)));
         }
-        for (; j < F; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
     }
 }
 
@@ -98,9 +124,8 @@ static void add_into(float *x, const float *y, long n) {
 /* The layer over x (M, dim), in place. cos/sin (M, head_dim): each row's RoPE angles. Each row's
  * new key/value go to slots[m] of the pools (slots, n_kv, head_dim) float32; row m then attends
  * over idx[m, 0 .. lens[m]) (width columns), which includes that slot. 0, or -1 out of memory. */
-int llama_decode_layer(const struct llama_layer *L, float *x, int M, const float *cos, const float *sin,
-                       float *k_pool, float *v_pool, const int64_t *slots, const int64_t *idx, const int64_t *lens,
-                       int width) {
+int decode_layer(const struct decoder_layer *L, float *x, int M, const float *cos, const float *sin, float *k_pool,
+                 float *v_pool, const int64_t *slots, const int64_t *idx, const int64_t *lens, int width) {
     const int D = L->dim, H = L->n_heads, KV = L->n_kv, hd = L->head_dim, F = L->hidden;
     const int qn = H * hd, kvn = KV * hd, qkv_n = qn + 2 * kvn;
     const long per_row = (long)D + qkv_n + 2L * qn + 2L * F + F;
@@ -115,6 +140,8 @@ int llama_decode_layer(const struct llama_layer *L, float *x, int M, const float
     for (int m = 0; m < M && !rc; m++) {
         float *row = qkv + (long)m * qkv_n;
         const float *c = cos + (long)m * hd, *s = sin + (long)m * hd;
+        if (L->q_norm) rmsnorm(row, L->q_norm, row, H, hd, L->eps);
+        if (L->k_norm) rmsnorm(row + qn, L->k_norm, row + qn, KV, hd, L->eps);
         rope(row, H, hd, c, s);
         rope(row + qn, KV, hd, c, s);
         memcpy(q + (long)m * qn, row, sizeof(float) * qn);
@@ -124,15 +151,19 @@ int llama_decode_layer(const struct llama_layer *L, float *x, int M, const float
     if (!rc) rc |= decode_attention(q, k_pool, v_pool, idx, lens, M, width, H, KV, hd, L->scale, att);
     if (!rc) rc |= linear(&L->wo, att, h, M, qn);
     if (!rc) {
+        if (L->post_attn_norm) rmsnorm(h, L->post_attn_norm, h, M, D, L->eps);
         add_into(x, h, (long)M * D);
         rmsnorm(x, L->ffn_norm, h, M, D, L->eps);
         rc |= linear(&L->w13, h, gu, M, D);
     }
     if (!rc) {
-        silu_mul(gu, act, M, F);
+        gated(gu, act, M, F, L->gelu);
         rc |= linear(&L->w2, act, h, M, F);
     }
-    if (!rc) add_into(x, h, (long)M * D);
+    if (!rc) {
+        if (L->post_ffn_norm) rmsnorm(h, L->post_ffn_norm, h, M, D, L->eps);
+        add_into(x, h, (long)M * D);
+    }
     free(buf);
     return rc ? -1 : 0;
 }

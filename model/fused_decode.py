@@ -1,4 +1,4 @@
-"""Decode-only steps of Llama-family models as one C call per layer (model/decode_layer.c).
+"""Decode rows of Llama-family and Gemma 3 models as one C call per layer (model/decode_layer.c).
 
     step = FusedDecode.for_model(model, pool)        # None where the model or machine does not fit
     logits = step(tokens, tables, positions)         # (rows, vocab) float32; writes the new keys/values
@@ -6,12 +6,13 @@
 Once replies stream, nearly every step is a pure decode step. Through torch a SmolLM2-135M token
 costs ~21 ms on 2 cores, compiled or eager, while its int4 matmuls take ~6 ms: the rest is the
 dispatch of ~30 small ops a layer. The C layer does the same arithmetic as model/llama.py's Block
-with no dispatch between the matmuls; each row is computed on its own, so a row's logits are the
-same bits alone or in any batch of decode rows. Steps that carry prompt chunks stay in torch
-(model/paged_attention.py), as do models this does not cover: any projection that is not a
-model/q4dot.c weight (float32 or bf16 weights, torch's int4 layout on AVX-512 machines), biases,
-q/k norms, Gemma's blocks, a non-float32 pool. `for_model` also runs one step both ways on the
-real model and keeps torch's path if they disagree. `$MEMENTO_DECODE_KERNEL=torch` turns it off.
+and model/gemma3.py's GemmaBlock with no dispatch between the matmuls; each row is computed on its
+own, so a row's logits are the same bits alone or in any batch of decode rows. The scheduler
+gives it the decode rows of every step, also of steps whose prompt chunks run through torch
+(model/paged_attention.py). Models it does not cover stay wholly in torch: a projection that is
+not one model/q4dot.c weight (float32 or bf16 weights, torch's int4 layout on AVX-512 machines),
+biases, another block class, a non-float32 pool. `for_model` also runs every layer both ways on
+the real model and keeps torch's path if they disagree. `$MEMENTO_DECODE_KERNEL=torch` turns it off.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from model import ckernels, decode_attention
 from model.decode_step import decode_plan
+from model.gemma3 import GemmaAttention, GemmaBlock, GemmaFeedForward, GemmaRMSNorm
 from model.llama import Attention, Block, FeedForward, RMSNorm
 from model.paged_attention import PagedBatch, Row
 from model.qlinear import Int8RowPlane, QLinear, RowPlane
@@ -43,11 +45,14 @@ class _Linear(ctypes.Structure):
 
 
 class LayerSpec(ctypes.Structure):
-    """decode_layer.c's struct llama_layer, field for field."""
+    """decode_layer.c's struct decoder_layer, field for field."""
 
     _fields_ = [("dim", ctypes.c_int), ("n_heads", ctypes.c_int), ("n_kv", ctypes.c_int),
-                ("head_dim", ctypes.c_int), ("hidden", ctypes.c_int), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float), ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("head_dim", ctypes.c_int), ("hidden", ctypes.c_int), ("gelu", ctypes.c_int),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
+                ("post_attn_norm", ctypes.c_void_p), ("post_ffn_norm", ctypes.c_void_p),
                 ("wqkv", _Linear), ("wo", _Linear), ("w13", _Linear), ("w2", _Linear)]
 
 
@@ -62,7 +67,7 @@ def library() -> ctypes.CDLL | None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     args = [p, p, i, p, p, p, p, p, p, p, i]
-    return ckernels.load(SOURCE, "the AVX2 decode layer", {"llama_decode_layer": (args, i)}, lambda _lib: True)
+    return ckernels.load(SOURCE, "the AVX2 decode layer", {"decode_layer": (args, i)}, lambda _lib: True)
 
 
 def _linear(lin, want_k: int) -> tuple[_Linear, list[torch.Tensor]] | str:
@@ -80,30 +85,45 @@ def _linear(lin, want_k: int) -> tuple[_Linear, list[torch.Tensor]] | str:
     return _Linear(w.data_ptr(), p.dm.data_ptr(), bits, lin.out_features), [w, p.dm]
 
 
-def _norm(norm) -> torch.Tensor | str:
-    if type(norm) is not RMSNorm or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous():
-        return f"{type(norm).__name__} (want a float32 RMSNorm)"
-    return norm.weight
+def _norm_scale(norm) -> torch.Tensor | str:
+    """The float32 scale a norm multiplies by: Llama's w, Gemma's 1 + w (as GemmaRMSNorm computes it)."""
+    w = norm.weight
+    if type(norm) is RMSNorm and w.dtype == torch.float32:
+        return w.contiguous()
+    if type(norm) is GemmaRMSNorm:
+        return (1.0 + w.float()).contiguous()
+    return f"{type(norm).__name__} (want a float32 RMSNorm or a GemmaRMSNorm)"
+
+
+# block class -> (attention, feed-forward classes, gate: 1 GELU-tanh / 0 SiLU, its post-norms)
+_BLOCKS = {Block: (Attention, FeedForward, 0, False), GemmaBlock: (GemmaAttention, GemmaFeedForward, 1, True)}
 
 
 def layer_spec(block, args) -> tuple[LayerSpec, list[torch.Tensor]] | str:
     """decode_layer.c's description of one block (and the tensors it points into), or why it cannot run it."""
+    kinds = _BLOCKS.get(type(block))
     att, ff = getattr(block, "attention", None), getattr(block, "feed_forward", None)
-    if type(block) is not Block or type(att) is not Attention or type(ff) is not FeedForward:
-        return f"{type(block).__name__} is not model.llama's Block"
-    if hasattr(att, "q_norm") or args.head_dim % 8:
-        return "q/k norms, or a head_dim that is not a multiple of 8"
+    if kinds is None or type(att) is not kinds[0] or type(ff) is not kinds[1]:
+        return f"{type(block).__name__} is neither model.llama's Block nor model.gemma3's GemmaBlock"
+    _att, _ff, gelu, post = kinds
+    if args.head_dim % 8:
+        return f"head_dim {args.head_dim} is not a multiple of 8"
     parts = {"wqkv": _linear(att.wqkv, args.dim), "wo": _linear(att.wo, args.n_heads * args.head_dim),
              "w13": _linear(ff.w13, args.dim), "w2": _linear(ff.w2, args.hidden_dim)}
-    norms = {"attn_norm": _norm(block.attention_norm), "ffn_norm": _norm(block.ffn_norm)}
-    for name, got in {**parts, **norms}.items():
+    norms = {"attn_norm": block.attention_norm, "ffn_norm": block.ffn_norm,
+             "q_norm": getattr(att, "q_norm", None), "k_norm": getattr(att, "k_norm", None),
+             "post_attn_norm": block.post_attention_norm if post else None,
+             "post_ffn_norm": block.post_ffn_norm if post else None}
+    scales = {name: None if n is None else _norm_scale(n) for name, n in norms.items()}
+    for name, got in {**parts, **scales}.items():
         if isinstance(got, str):
             return f"{name}: {got}"
     scale = att.scale if att.scale is not None else args.head_dim**-0.5
-    spec = LayerSpec(args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim, args.norm_eps, scale,
-                     norms["attn_norm"].data_ptr(), norms["ffn_norm"].data_ptr(),
-                     *(parts[n][0] for n in ("wqkv", "wo", "w13", "w2")))
-    keep = [t for _spec, ts in parts.values() for t in ts] + list(norms.values())
+    ptr = {name: None if t is None else t.data_ptr() for name, t in scales.items()}
+    spec = LayerSpec(args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim, gelu, args.norm_eps,
+                     scale, ptr["attn_norm"], ptr["ffn_norm"], ptr["q_norm"], ptr["k_norm"], ptr["post_attn_norm"],
+                     ptr["post_ffn_norm"], *(parts[n][0] for n in ("wqkv", "wo", "w13", "w2")))
+    keep = [t for _spec, ts in parts.values() for t in ts] + [t for t in scales.values() if t is not None]
     return spec, keep
 
 
@@ -139,8 +159,6 @@ class FusedDecode:
     def why_not(model, pool) -> str | None:
         if library() is None or not decode_attention.available():
             return "the C decode layer is not available here (AVX2 and a C compiler, $MEMENTO_DECODE_KERNEL)"
-        if getattr(model.args, "family", None) != "llama":
-            return f"the {getattr(model.args, 'family', '?')} family has no C decode layer"
         if not decode_attention.supports(pool.k[0], model.args.head_dim):
             return "the KV pool is not float32 on the CPU"
         for i, block in enumerate(model.layers):
@@ -179,7 +197,7 @@ class FusedDecode:
     def _layer(self, i: int, x: torch.Tensor, plan: tuple, slots: torch.Tensor) -> None:
         """Layer i over x (B, dim) float32, in place; plan = (idx, lens, cos, sin) of its layer type."""
         idx, lens, cos, sin = plan
-        if self.lib.llama_decode_layer(ctypes.addressof(self.specs[i]), x.data_ptr(), x.shape[0], cos.data_ptr(),
+        if self.lib.decode_layer(ctypes.addressof(self.specs[i]), x.data_ptr(), x.shape[0], cos.data_ptr(),
                                        sin.data_ptr(), self.pool.k[i].data_ptr(), self.pool.v[i].data_ptr(),
                                        slots.data_ptr(), idx.data_ptr(), lens.data_ptr(), idx.shape[1]):
             raise MemoryError("decode_layer: no memory for a layer's scratch")

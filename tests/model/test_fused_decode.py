@@ -5,6 +5,7 @@ a wrong layer is caught by the start-up check, and everything it does not cover 
 from __future__ import annotations
 
 import ctypes
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,9 +15,11 @@ from model.engine import Engine
 from model.fused_decode import FusedDecode
 from model.paged_attention import PagedBatch, Row
 from model.paged_cache import BlockPool
+from model.qlinear import install_quantized, pack
 from model.sampling import SamplingParams
+from tests.model.conftest import ours_from_hf_dir
 from tests.model.test_engine import Spy, ids, tiny_lm
-from tests.model.test_q4dot import quantized_tiny_lm
+from tests.model.test_q4dot import quantize_4bit, quantized_tiny_lm
 from tests.model.test_scheduler import alone, drain, new_seq, run_with_late_join
 
 pytestmark = pytest.mark.skipif(not ckernels.buildable(), reason="needs AVX2, FMA, F16C and a C compiler")
@@ -27,6 +30,14 @@ def qlm():
     return quantized_tiny_lm("q4dot")
 
 
+def quantized(model):
+    """The model with every linear packed for q4dot (4-bit per group of 32, as GGUF's Q4_1)."""
+    names = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+    install_quantized(model, {f"{n}.weight": pack(quantize_4bit(model.get_submodule(n).weight), "q4dot")
+                              for n in names})
+    return model
+
+
 def filled_pool(lm, lengths, block_size=4):
     """A pool holding a random history of each length, and each row's block table (room for one more)."""
     pool = BlockPool.for_model(lm.model, 1 << 22, block_size)
@@ -35,7 +46,7 @@ def filled_pool(lm, lengths, block_size=4):
         table = [pool.allocate() for _ in range(n // block_size + 1)]
         batch = PagedBatch(pool, [Row(table, 0, n, True)], lm.model.args)
         with torch.inference_mode():
-            lm.model(torch.tensor([ids(n, 500 + i)]), batch.positions, batch)
+            lm.model(torch.tensor([ids(n, 500 + i, vocab=lm.model.args.vocab_size)]), batch.positions, batch)
         tables.append(table)
     return pool, tables
 
@@ -52,6 +63,12 @@ def test_chosen_for_a_q4dot_llama_and_not_for_what_it_does_not_cover(qlm):
     assert Engine(qlm, fused_decode=False).scheduler.decode is None
 
 
+def test_a_biased_projection_stays_on_torch(hf_dir_factory):
+    _hf, path = hf_dir_factory("qwen2")  # q/k/v biases
+    model = quantized(ours_from_hf_dir(path))
+    assert "wqkv: QLinear (want an unbiased QLinear" in FusedDecode.why_not(model, BlockPool.for_model(model, 1 << 20, 4))
+
+
 def test_rows_are_the_same_bits_alone_or_batched(qlm):
     lengths = [3, 17, 9, 30, 1, 22, 12, 5]
     pool, tables = filled_pool(qlm, lengths)
@@ -62,17 +79,23 @@ def test_rows_are_the_same_bits_alone_or_batched(qlm):
         assert torch.equal(step([tokens[i]], [tables[i]], [n])[0], together[i]), f"row {i}"
 
 
-def test_matches_the_torch_forward(qlm):
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+def test_matches_the_torch_forward(hf_dir_factory, kind):
     """Whole-model logits against the eager PagedBatch forward: float32 rounding, plus where an
-    activation's int8 rounding turns over, one quantization step."""
+    activation's int8 rounding turns over, one quantization step. Qwen3: q/k norms; Gemma 3:
+    (1 + w) norms, post-norms, GeGLU, sliding layers (window 8, so the longer rows see only it)."""
+    _hf, path = hf_dir_factory(kind)
+    lm = SimpleNamespace(model=quantized(ours_from_hf_dir(path)))
     lengths = [6, 19, 11]
-    pool, tables = filled_pool(qlm, lengths)
-    tokens = ids(3, 78)
-    batch = PagedBatch(pool, [Row(t, n, 1, True) for t, n in zip(tables, lengths, strict=True)], qlm.model.args)
+    pool, tables = filled_pool(lm, lengths)
+    tokens = ids(3, 78, vocab=128)
+    batch = PagedBatch(pool, [Row(t, n, 1, True) for t, n in zip(tables, lengths, strict=True)], lm.model.args)
     with torch.inference_mode():
-        want = qlm.model(torch.tensor([tokens]), batch.positions, batch)[0]
+        want = lm.model(torch.tensor([tokens]), batch.positions, batch)[0]
         k_torch = pool.k_all.clone()
-    got = FusedDecode.for_model(qlm.model, pool)(tokens, tables, lengths)
+    step = FusedDecode.for_model(lm.model, pool)
+    assert step is not None
+    got = step(tokens, tables, lengths)
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert torch.allclose(pool.k_all, k_torch, atol=1e-4)  # the new keys landed in the same slots
