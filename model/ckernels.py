@@ -57,6 +57,14 @@ def buildable() -> bool:
     return cpu_ok() and shutil.which(compiler()) is not None
 
 
+def enabled(env: str) -> bool:
+    """Whether the switch `env` (auto, the default, or torch) lets a C kernel run instead of torch's ops."""
+    choice = os.environ.get(env, "auto").lower()
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"{env}={choice!r}: use auto or torch")
+    return choice == "auto"
+
+
 def _kernel_dir() -> Path:
     env = os.environ.get("MEMENTO_KERNEL_DIR")
     return Path(env) if env else Path.home() / ".cache" / "memento" / "kernels"

@@ -14,7 +14,6 @@ default `auto` uses the kernel wherever it builds and passes its self-check).
 from __future__ import annotations
 
 import ctypes
-import os
 from functools import cache
 from pathlib import Path
 
@@ -30,10 +29,7 @@ SOURCE = Path(__file__).with_suffix(".c")
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where it cannot run (see ckernels.load) or its self-check against
     SDPA disagrees; None too when $MEMENTO_ATTENTION_KERNEL=torch."""
-    choice = os.environ.get("MEMENTO_ATTENTION_KERNEL", "auto").lower()
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"MEMENTO_ATTENTION_KERNEL={choice!r}: use auto or torch")
-    if choice == "torch":
+    if not ckernels.enabled("MEMENTO_ATTENTION_KERNEL"):
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     args = [p, p, p, p, p, i, i, i, i, i, ctypes.c_float, p]

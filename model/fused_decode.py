@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -60,10 +59,7 @@ class LayerSpec(ctypes.Structure):
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None (no AVX2 or compiler, or $MEMENTO_DECODE_KERNEL=torch). Its numerics
     are checked per model by `FusedDecode.for_model` rather than once here."""
-    choice = os.environ.get("MEMENTO_DECODE_KERNEL", "auto").lower()
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"MEMENTO_DECODE_KERNEL={choice!r}: use auto or torch")
-    if choice == "torch":
+    if not ckernels.enabled("MEMENTO_DECODE_KERNEL"):
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     args = [p, p, i, p, p, p, p, p, p, p, i]
