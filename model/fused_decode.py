@@ -153,8 +153,10 @@ class FusedDecode:
 
     @staticmethod
     def why_not(model, pool) -> str | None:
+        if not ckernels.enabled("MEMENTO_DECODE_KERNEL"):
+            return "MEMENTO_DECODE_KERNEL=torch"
         if library() is None or not decode_attention.available():
-            return "the C decode layer is not available here (AVX2 and a C compiler, $MEMENTO_DECODE_KERNEL)"
+            return "the C decode layer is not available here (it needs AVX2, FMA, F16C and a C compiler)"
         if not decode_attention.supports(pool.k[0], model.args.head_dim):
             return "the KV pool is not float32 on the CPU"
         for i, block in enumerate(model.layers):
