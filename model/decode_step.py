@@ -1,10 +1,10 @@
 """The compiled decode step: one `torch.compile`d layer graph for steps where every row decodes one token.
 
 Once a reply streams, nearly every step is a pure decode step: each running sequence feeds its
-last sampled token. (Where model/fused_decode.py covers the model, a Llama-family GGUF in q4dot's
-layout, its C layer runs those steps instead and nothing is compiled.) Eager PyTorch spends most of such a step launching ~900 small ops (norms,
-RoPE, reshapes, the paged gather); compiled, inductor fuses each layer's into a few C++ kernels
-around its int4 matmuls. Steps that carry prompt chunks stay eager (`model/paged_attention.py`).
+last sampled token. (Where model/fused_decode.py covers the model, a Llama-family or Gemma 3
+GGUF in q4dot's layout, its C layer runs those steps instead and nothing is compiled.) Eager
+PyTorch spends most of such a step launching ~900 small ops (norms, RoPE, reshapes, the paged
+gather); compiled, inductor fuses each layer's into a few C++ kernels around its int4 matmuls. Steps that carry prompt chunks stay eager (`model/paged_attention.py`).
 
 One graph serves every layer (the layer's weights and its slice of the pool are inputs), so the
 compile is small: a whole-model graph repeats the same code once per layer, and took the C++

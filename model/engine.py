@@ -80,8 +80,8 @@ class Engine:
         with inductor's artefacts kept in `compile_dir`; `progress` reports it on stderr.
         `threads`: intra-op threads of the scheduler thread (None: torch's current setting).
         `fused_decode`: decode rows run through model/decode_layer.c where the model fits it (a
-        Llama-family GGUF kept in model/q4dot.c's layout, on the CPU; model/fused_decode.py), which
-        then takes the place of the compiled step.
+        Llama-family or Gemma 3 GGUF kept in model/q4dot.c's layout, on the CPU;
+        model/fused_decode.py), which then takes the place of the compiled step.
 
         libgomp stops spin-waiting once a process holds more OpenMP threads than cores, and every
         thread that ever ran a parallel op keeps its own team: a model loaded on one thread and
