@@ -138,7 +138,7 @@ class FusedDecode:
     @classmethod
     def for_model(cls, model, pool) -> FusedDecode | None:
         """The fused step for this model and pool, or None (the reason is logged) where it does not
-        apply or its first step disagrees with torch's."""
+        apply or one of its layers disagrees with the block's torch forward (`check`)."""
         why = cls.why_not(model, pool)
         if why is not None:
             log.info("decode steps run through torch: %s", why)
